@@ -1,0 +1,56 @@
+"""Run logs in the workdir: JSON lines (`metrics.jsonl`) and TensorBoard event files.
+
+Only process 0 writes. TensorFlow (for the event files) is imported lazily, on the first
+write, so the model and steps stay importable without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+
+
+def _flatten(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
+  out = {}
+  for key, value in values.items():
+    name = f'{prefix}/{key}' if prefix else key
+    if isinstance(value, Mapping):
+      out.update(_flatten(name, value))
+    else:
+      out[name] = float(value)
+  return out
+
+
+class MetricWriter:
+  """Appends scalars to `<workdir>/metrics.jsonl` and to TensorBoard events in `<workdir>/tb`."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._tb_dir = os.path.join(workdir, 'tb') if tensorboard else None
+    self._tb = None
+
+  def write(self, step: int, values: Mapping[str, Any], prefix: str = '') -> None:
+    """Writes nested `values` (flattened to 'prefix/a/b' names) at `step`."""
+    if not self.enabled:
+      return
+    flat = _flatten(prefix, values)
+    with open(self.path, 'a', encoding='utf-8') as f:
+      f.write(json.dumps({'step': int(step), **flat}) + '\n')
+    if self._tb_dir is not None:
+      if self._tb is None:
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        tf.config.set_visible_devices([], 'GPU')
+        self._tb = tf.summary.create_file_writer(self._tb_dir)
+      with self._tb.as_default(step=int(step)):
+        import tensorflow as tf  # pylint: disable=g-import-not-at-top
+        for name, value in flat.items():
+          tf.summary.scalar(name, value)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

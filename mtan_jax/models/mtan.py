@@ -1,0 +1,86 @@
+"""MTAN: the shared SegNet plus one soft-attention network per task (Liu et al., CVPR 2019).
+
+Per task and encoder level j, a mask is computed from the level's first shared feature
+(concatenated with the previous attended feature after level 0) and multiplies the level's
+last shared feature; a 3x3 conv shared by all tasks (`encoder_block_att[j]`) and a 2x2
+max-pool follow. The decoder mirrors this with x2 bilinear upsampling (align_corners=True),
+the shared `decoder_block_att`, and masks over the max-unpooled shared features. Each task
+ends in its own prediction head. Attribute names follow the PyTorch reference so that
+weights import one to one; heads are `pred_task1`, `pred_task2`, ... in task order.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtan_jax.errors import ConfigError
+from mtan_jax.models.layers import (AttentionMask, ConvLayer, PredictionHead, max_pool,
+                                    upsample2x_bilinear)
+from mtan_jax.models.segnet import DEFAULT_WIDTHS, NUM_LEVELS, SegNetBackbone
+from mtan_jax.tasks import Task
+
+
+class MTAN(SegNetBackbone):
+  """SegNet-MTAN for any list of dense tasks.
+
+  Call it on images (B, H, W, C_in) to get one prediction (B, H, W, task.channels) per task,
+  each passed through its task's output activation. `logsigma` holds one learned log-variance
+  per task for uncertainty weighting (initialised to -0.5, as in the reference).
+  """
+
+  def __init__(self, tasks: Sequence[Task], widths: Sequence[int] = DEFAULT_WIDTHS,
+               in_channels: int = 3, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    super().__init__(widths, in_channels, rngs=rngs, dtype=dtype)
+    if not tasks:
+      raise ConfigError('MTAN needs at least one task')
+    self.tasks = tuple(tasks)
+    f = self.widths
+    # Encoder masks: level 0 sees the first shared feature; deeper levels see it concatenated
+    # with the previous level's attended feature (which encoder_block_att brought to f[j]).
+    self.encoder_att = nnx.List([
+        nnx.List([AttentionMask(f[0] if j == 0 else 2 * f[j], f[j], f[j], rngs=rngs, dtype=dtype)
+                  for j in range(NUM_LEVELS)])
+        for _ in self.tasks])
+    # The attention path entering decoder level i is upsampled and brought to dec_att_out[i]
+    # channels by decoder_block_att[i]: the next shallower width, except the deepest level, which
+    # keeps f[4] (in the reference, decoder_block_att = [f0->f0, f1->f0, f2->f1, f3->f2, f4->f4]).
+    dec_out = (f[0],) + f[:-1]
+    dec_att_out = dec_out[:-1] + (f[-1],)
+    self.decoder_block_att = nnx.List([ConvLayer(f[i], dec_att_out[i], rngs=rngs, dtype=dtype)
+                                       for i in range(NUM_LEVELS)])
+    # Decoder masks, indexed by level: decoder_att[t][i] sees the unpooled shared feature (f[i])
+    # concatenated with the attention path and gates the level's shared decoder output (dec_out[i]).
+    self.decoder_att = nnx.List([
+        nnx.List([AttentionMask(f[i] + dec_att_out[i], dec_out[i], dec_out[i], rngs=rngs, dtype=dtype)
+                  for i in range(NUM_LEVELS)])
+        for _ in self.tasks])
+    enc_att_out = f[1:] + (f[-1],)
+    self.encoder_block_att = nnx.List([ConvLayer(f[j], enc_att_out[j], rngs=rngs, dtype=dtype)
+                                       for j in range(NUM_LEVELS)])
+    for k, task in enumerate(self.tasks):
+      setattr(self, f'pred_task{k + 1}', PredictionHead(f[0], task.channels, rngs=rngs, dtype=dtype))
+    self.logsigma = nnx.Param(jnp.full((len(self.tasks),), -0.5, jnp.float32))
+
+  def heads(self) -> list[PredictionHead]:
+    return [getattr(self, f'pred_task{k + 1}') for k in range(len(self.tasks))]
+
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    feats = self.features(x)
+    outputs = []
+    for t, (task, head) in enumerate(zip(self.tasks, self.heads())):
+      a = None
+      for j in range(NUM_LEVELS):
+        inp = feats.enc_first[j] if j == 0 else jnp.concatenate([feats.enc_first[j], a], axis=-1)
+        a = self.encoder_att[t][j](inp) * feats.enc_last[j]
+        a = max_pool(self.encoder_block_att[j](a))
+      for j in range(NUM_LEVELS):
+        level = NUM_LEVELS - 1 - j
+        a = self.decoder_block_att[level](upsample2x_bilinear(a))
+        mask = self.decoder_att[t][level](jnp.concatenate([feats.unpooled[j], a], axis=-1))
+        a = mask * feats.dec_last[j]
+      outputs.append(task.activate(head(a)))
+    return outputs

@@ -1,0 +1,205 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run, importable and testable.
+
+Phases, in order: config checks -> data -> model & optimizer -> devices -> restore ->
+compiled steps -> loop (train, log, checkpoint, evaluate each epoch) -> final report.
+
+The loop never waits for the device between steps: metrics stay on device and are fetched
+only at log points, where the non-finite-loss flag is checked too. Re-running with the same
+workdir resumes from the newest checkpoint; because the data order is a pure function of
+(seed, epoch) and the step, a resumed run continues exactly where the killed one was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from mtan_jax import metrics, report
+from mtan_jax.checkpointing import Checkpointer, abstract_like
+from mtan_jax.data import make_sources
+from mtan_jax.data.pipeline import eval_batches, train_batches
+from mtan_jax.errors import ConfigError, NonFiniteLossError
+from mtan_jax.logs import MetricWriter
+from mtan_jax.models.segnet import check_input_size
+from mtan_jax.steps import Steps, TrainState, create_model, jit_steps, lr_schedule
+from mtan_jax.tasks import make_tasks
+
+log = logging.getLogger('mtan_jax')
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D data-parallel mesh over every device."""
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _device_batches(batches: Iterator[dict[str, np.ndarray]], sharding, ahead: int = 2):
+  """Moves host batches onto the devices a few steps ahead of their use."""
+  queue = []
+  for batch in batches:
+    queue.append(jax.device_put(batch, sharding))
+    if len(queue) > ahead:
+      yield queue.pop(0)
+  yield from queue
+
+
+def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  positive = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps',
+              'checkpoint_every_steps', 'report_last_epochs', 'keep_checkpoints')
+  for key in positive:
+    if int(config[key]) < 1:
+      raise ConfigError(f'config.{key}={config[key]}; expected a positive integer')
+  if config.lr <= 0:
+    raise ConfigError(f'config.lr={config.lr}; expected > 0')
+  if config.dwa_temperature <= 0:
+    raise ConfigError(f'config.dwa_temperature={config.dwa_temperature}; expected > 0')
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] % num_devices:
+      raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} devices; '
+                        f'the batch is split evenly across devices')
+
+
+def _eval_metrics(eval_step, state: TrainState, source, keys, batch_size, tasks, sharding):
+  add = jax.jit(metrics.add_stats)
+  total = None
+  for batch in _device_batches(eval_batches(source, keys, batch_size), sharding):
+    stats = eval_step(state.params, state.batch_stats, batch)
+    total = stats if total is None else add(total, stats)
+  fetched = jax.device_get(total)
+  return {task.name: task.finalize(fetched[task.name]) for task in tasks}
+
+
+def _check_finite(state: TrainState, checkpointer: Checkpointer) -> None:
+  bad = int(state.nonfinite_step)
+  if bad >= 0:
+    last = checkpointer.latest_step()
+    kept = f'the last good checkpoint is step {last} in {checkpointer.directory}' if last is not None \
+        else 'no checkpoint was saved before it'
+    raise NonFiniteLossError(f'the training loss became NaN or Inf at step {bad}; stopped, {kept}. '
+                             f'Try a lower config.lr or check the data')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.model` on `config.dataset`, evaluating every epoch; resumes from `workdir`.
+
+  Args:
+    config: the run configuration (see configs/mtan.py for every key).
+    workdir: where checkpoints, logs and the final report go.
+
+  Returns:
+    The final summary: validation metrics averaged over the last `config.report_last_epochs`
+    epochs (and Delta_MTL when baselines are configured).
+  """
+  # --- Config and data -------------------------------------------------------------------
+  mesh = make_mesh()
+  _check_config(config, mesh.size)
+  tasks = make_tasks(config.tasks, config.num_classes)
+  baselines = report.load_baselines(config.single_task_baselines)
+  train_source, val_source = make_sources(config, [t.name for t in tasks])
+  check_input_size(*train_source.shape)
+  keys = ('image',) + tuple(t.target_key for t in tasks)
+  batch_size = int(config.batch_size)
+  steps_per_epoch = len(train_source) // batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(f'the training set has {len(train_source)} examples, fewer than '
+                      f'config.batch_size={batch_size}')
+  total_steps = steps_per_epoch * int(config.num_epochs)
+
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json(indent=2))
+
+  # --- Model, optimizer and compiled steps -----------------------------------------------
+  model = create_model(config.model, tasks, config.widths, config.seed, config.dtype)
+  schedule = lr_schedule(config.lr, steps_per_epoch, config.lr_decay_every_epochs, config.lr_decay_factor)
+  tx = optax.adam(schedule)
+  steps = Steps(model, tx, config.weighting, config.dwa_temperature)
+  del model
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P('data'))
+  state = jax.device_put(steps.init_state(), replicated)
+  train_step, end_epoch, eval_step = jit_steps(steps)
+
+  # --- Restore ---------------------------------------------------------------------------
+  checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  history: list[dict[str, Any]] = []
+  data_meta = {'seed': int(config.seed), 'batch_size': batch_size, 'steps_per_epoch': steps_per_epoch,
+               'num_train': len(train_source)}
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(abstract_like(state))
+    for key, value in data_meta.items():
+      if meta['data'].get(key) != value:
+        raise ConfigError(f'{checkpointer.directory} was written with {key}={meta["data"].get(key)} but '
+                          f'this run has {key}={value}; the run cannot resume, use a new --workdir')
+    history = list(meta['history'])
+    log.info('resumed from step %d in %s', int(state.step), checkpointer.directory)
+
+  def save(state: TrainState) -> None:
+    _check_finite(state, checkpointer)
+    checkpointer.save(int(state.step), state, {'data': data_meta, 'history': history})
+
+  # --- Loop ------------------------------------------------------------------------------
+  writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  step = int(state.step)
+  first_epoch = int(state.weighting['epochs_done'])
+  bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit='img', unit_scale=True,
+             dynamic_ncols=True, mininterval=2.0,
+             disable=not config.progress_bar or jax.process_index() != 0)
+  try:
+    for epoch in range(first_epoch, int(config.num_epochs)):
+      bar.set_description(f'epoch {epoch + 1}/{config.num_epochs}')
+      start = step - epoch * steps_per_epoch
+      batches = train_batches(train_source, keys, batch_size, epoch, config.seed, start_step=start)
+      t0, n0 = time.perf_counter(), step
+      for batch in _device_batches(batches, data_sharding):
+        state, step_metrics = train_step(state, batch)
+        step += 1
+        bar.update(batch_size)
+        if step % config.log_every_steps == 0:
+          fetched = jax.device_get(step_metrics)
+          _check_finite(state, checkpointer)
+          rate = (step - n0) * batch_size / max(time.perf_counter() - t0, 1e-9)
+          writer.write(step, {'loss': fetched['loss'],
+                              **{f'{t.name}_loss': v for t, v in zip(tasks, fetched['task_losses'])},
+                              'lr': float(schedule(step - 1)), 'images_per_sec': rate}, prefix='train')
+          bar.set_postfix(loss=f'{float(fetched["loss"]):.4f}')
+        # A save at the epoch boundary waits for end_epoch (below), so resume never skips it.
+        if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
+          save(state)
+      state = end_epoch(state)
+      epoch_avg = jax.device_get(state.weighting['loss_history'][1])
+      record: dict[str, Any] = {'epoch': epoch + 1, 'train': {t.name: {'loss': float(v)}
+                                                                for t, v in zip(tasks, epoch_avg)}}
+      if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+        record['val'] = _eval_metrics(eval_step, state, val_source, keys, config.eval_batch_size,
+                                      tasks, data_sharding)
+        writer.write(step, record['val'], prefix='val')
+        log.info('epoch %d: %s', epoch + 1, json.dumps(record['val']))
+        history.append(record)
+      writer.write(step, {**record['train'],
+                          'weights': dict(zip([t.name for t in tasks],
+                                              jax.device_get(state.weighting['weights']).tolist()))},
+                   prefix='train_epoch')
+      save(state)
+  finally:
+    bar.close()
+    checkpointer.close()
+    writer.close()
+
+  # --- Report ----------------------------------------------------------------------------
+  summary = report.summarize(history, config.report_last_epochs, baselines)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
+      json.dump(summary, f, indent=2)
+    print(report.format_table(summary), flush=True)
+  return summary

@@ -1,0 +1,85 @@
+"""Task weighting: equal, Dynamic Weight Average (DWA) and uncertainty weighting.
+
+All state lives in a small pytree of arrays inside the train state, so switching weights
+between epochs never recompiles the train step and the state is checkpointed with the rest.
+
+- equal: total = sum_k L_k.
+- dwa (Liu et al. 2019): lambda_k(t) = K exp(w_k(t-1)/T) / sum_i exp(w_i(t-1)/T) with
+  w_k(t-1) = L_k(t-1) / L_k(t-2), L_k(t) the unweighted average training loss of epoch t
+  (the mean of the per-step losses, as the reference computes it); lambda = 1 for the first
+  two epochs. total = sum_k lambda_k L_k.
+- uncertainty (Kendall et al. 2018, as in the MTAN reference):
+  total = sum_k L_k / (2 exp(s_k)) + s_k / 2 with learned s_k (the model's `logsigma`,
+  initialised to -0.5). The total may go negative; that is expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtan_jax.errors import ConfigError
+
+METHODS = ('equal', 'dwa', 'uncertainty')
+
+WeightingState = dict[str, Any]
+
+
+def check_method(method: str) -> str:
+  if method not in METHODS:
+    raise ConfigError(f'unknown config.weighting={method!r}; expected one of {", ".join(METHODS)}')
+  return method
+
+
+def init_state(num_tasks: int) -> WeightingState:
+  """Fresh weighting state for `num_tasks` tasks."""
+  return {
+      'weights': jnp.ones((num_tasks,), jnp.float32),
+      # Running sums of this epoch's unweighted per-step losses.
+      'epoch_loss_sum': jnp.zeros((num_tasks,), jnp.float32),
+      'epoch_steps': jnp.zeros((), jnp.int32),
+      # Average losses of the last two finished epochs: row 0 = t-2, row 1 = t-1.
+      'loss_history': jnp.zeros((2, num_tasks), jnp.float32),
+      'epochs_done': jnp.zeros((), jnp.int32),
+  }
+
+
+def combine(method: str, losses: jax.Array, state: WeightingState, logsigma: jax.Array) -> jax.Array:
+  """Total training loss from the per-task losses (K,)."""
+  if method == 'uncertainty':
+    return jnp.sum(losses / (2.0 * jnp.exp(logsigma)) + logsigma / 2.0)
+  # equal and dwa: the weights array is all ones for equal.
+  return jnp.sum(jax.lax.stop_gradient(state['weights']) * losses)
+
+
+def accumulate(state: WeightingState, losses: jax.Array) -> WeightingState:
+  """Adds one step's unweighted losses to the epoch averages."""
+  return {**state,
+          'epoch_loss_sum': state['epoch_loss_sum'] + jax.lax.stop_gradient(losses).astype(jnp.float32),
+          'epoch_steps': state['epoch_steps'] + 1}
+
+
+def dwa_weights(history: jax.Array, temperature: float) -> jax.Array:
+  """DWA weights from the last two epoch-average losses (rows t-2, t-1)."""
+  ratio = history[1] / history[0]
+  k = history.shape[1]
+  return k * jax.nn.softmax(ratio / temperature)
+
+
+def end_epoch(method: str, state: WeightingState, temperature: float) -> WeightingState:
+  """Closes an epoch: records its average losses and sets the next epoch's weights."""
+  avg = state['epoch_loss_sum'] / jnp.maximum(state['epoch_steps'], 1).astype(jnp.float32)
+  history = jnp.stack([state['loss_history'][1], avg])
+  epochs_done = state['epochs_done'] + 1
+  weights = state['weights']
+  if method == 'dwa':
+    weights = jnp.where(epochs_done >= 2, dwa_weights(history, temperature), jnp.ones_like(weights))
+  return {
+      'weights': weights,
+      'epoch_loss_sum': jnp.zeros_like(state['epoch_loss_sum']),
+      'epoch_steps': jnp.zeros_like(state['epoch_steps']),
+      'loss_history': history,
+      'epochs_done': epochs_done,
+  }
