@@ -62,6 +62,14 @@ class Checkpointer:
                       f'({first}); use a new --workdir or the config it was trained with') from None
     return restored['state'], restored['meta']
 
+  def restore_arrays(self, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores a checkpoint without a target structure: the state comes back as nested dicts
+    of arrays (for inspection and tools that do not rebuild the model)."""
+    step = self.latest_step() if step is None else step
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()

@@ -7,10 +7,18 @@ write, so the model and steps stay importable without it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping
 
 import jax
+
+
+def quiet_libraries() -> None:
+  """Keeps library chatter (absl, orbax, JAX backend probing) out of the user's terminal."""
+  logging.getLogger('mtan_jax').setLevel(logging.INFO)
+  for noisy in ('absl', 'orbax', 'jax._src'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _flatten(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:

@@ -68,6 +68,16 @@ def lr_schedule(lr: float, steps_per_epoch: int, decay_every_epochs: int,
   return optax.constant_schedule(lr)
 
 
+def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Adam with the config's StepLR schedule; returns (optimizer, schedule).
+
+  Everything that builds a train state uses this, so checkpointed optimizer states always
+  have the same structure.
+  """
+  schedule = lr_schedule(config.lr, steps_per_epoch, config.lr_decay_every_epochs, config.lr_decay_factor)
+  return optax.adam(schedule), schedule
+
+
 class Steps:
   """The pure functions a training run jits, bound to one model structure and optimizer.
 

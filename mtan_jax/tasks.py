@@ -163,8 +163,11 @@ def make_tasks(names: Sequence[str], num_classes: int) -> tuple[Task, ...]:
   Returns:
     A tuple of Task objects.
   """
+  # Accept 'semantic,depth' and ('semantic,depth',) too: that is what a command-line override
+  # `--config.tasks=semantic,depth` of a tuple field produces.
   if isinstance(names, str):
-    names = tuple(n.strip() for n in names.split(',') if n.strip())
+    names = (names,)
+  names = tuple(n.strip() for item in names for n in str(item).split(',') if n.strip())
   if not names:
     raise ConfigError('config.tasks is empty; expected one or more of ' + ', '.join(TASK_TYPES))
   if len(set(names)) != len(names):

@@ -92,6 +92,17 @@ def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
   return np.transpose(value, (3, 2, 0, 1)) if kind == 'conv' else value
 
 
+def _groups(names: list[str]) -> list[str]:
+  """Summarises state_dict names by module ('pred_task3', 'encoder_att.2', ...) for messages."""
+  groups = []
+  for name in names:
+    parts = name.split('.')
+    group = '.'.join(parts[:2]) if parts[0] in ('encoder_att', 'decoder_att') else parts[0]
+    if group not in groups:
+      groups.append(group)
+  return groups
+
+
 def load_torch_state_dict(model: SegNetBackbone, state_dict: Mapping[str, np.ndarray],
                           source: str = 'state_dict') -> None:
   """Copies a reference state_dict (numpy values) into `model`, in place.
@@ -109,9 +120,9 @@ def load_torch_state_dict(model: SegNetBackbone, state_dict: Mapping[str, np.nda
   missing = sorted(set(targets) - set(given))
   unexpected = sorted(set(given) - set(targets))
   if missing or unexpected:
-    raise DataError(f'{source} does not fit this model: missing {missing[:5]}{"..." if len(missing) > 5 else ""}'
-                    f' ({len(missing)}), unexpected {unexpected[:5]}{"..." if len(unexpected) > 5 else ""}'
-                    f' ({len(unexpected)}); check config.tasks, num_classes and widths')
+    raise DataError(f'{source} does not fit this model: {len(missing)} missing '
+                    f'{_groups(missing)}, {len(unexpected)} unexpected {_groups(unexpected)}; '
+                    f'check config.tasks, num_classes and widths')
   for name, (var, kind) in targets.items():
     value = _to_ours(np.asarray(given[name], np.float32), kind)
     if value.shape != var.shape:

@@ -20,7 +20,6 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -31,7 +30,7 @@ from mtan_jax.data.pipeline import eval_batches, train_batches
 from mtan_jax.errors import ConfigError, NonFiniteLossError
 from mtan_jax.logs import MetricWriter
 from mtan_jax.models.segnet import check_input_size
-from mtan_jax.steps import Steps, TrainState, create_model, jit_steps, lr_schedule
+from mtan_jax.steps import Steps, TrainState, create_model, jit_steps, make_optimizer
 from mtan_jax.tasks import make_tasks
 
 log = logging.getLogger('mtan_jax')
@@ -121,8 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Model, optimizer and compiled steps -----------------------------------------------
   model = create_model(config.model, tasks, config.widths, config.seed, config.dtype)
-  schedule = lr_schedule(config.lr, steps_per_epoch, config.lr_decay_every_epochs, config.lr_decay_factor)
-  tx = optax.adam(schedule)
+  tx, schedule = make_optimizer(config, steps_per_epoch)
   steps = Steps(model, tx, config.weighting, config.dwa_temperature)
   del model
   replicated = NamedSharding(mesh, P())
@@ -137,7 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                'num_train': len(train_source)}
   if checkpointer.latest_step() is not None:
     state, meta = checkpointer.restore(abstract_like(state))
-    for key, value in data_meta.items():
+    # An imported checkpoint (scripts/convert_torch_checkpoint.py) has no data position yet.
+    for key, value in data_meta.items() if meta['data'] else ():
       if meta['data'].get(key) != value:
         raise ConfigError(f'{checkpointer.directory} was written with {key}={meta["data"].get(key)} but '
                           f'this run has {key}={value}; the run cannot resume, use a new --workdir')

@@ -36,7 +36,10 @@ def make_sources(config, task_names: Sequence[str]):
     unknown = [t for t in task_names if t not in ('semantic', 'depth', 'normal')]
     if unknown:
       raise ConfigError(f'synthetic scenes have no targets for task(s) {unknown}')
-    h, w = (int(s) for s in config.image_size)
+    size = tuple(config.image_size)
+    if len(size) != 2:
+      raise ConfigError(f'config.image_size={size}; expected (height, width), e.g. (128, 256)')
+    h, w = (int(s) for s in size)
     # Validation scenes come from a disjoint index range of the same generator.
     train = SyntheticSource(config.synthetic_train_size, h, w, config.seed)
     val = SyntheticSource(config.synthetic_val_size, h, w, config.seed, offset=10_000_000)

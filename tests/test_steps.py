@@ -1,0 +1,94 @@
+"""The jitted train step: it learns, it never retraces, and weights are data, not code."""
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from mtan_jax.data.synthetic import render_scenes
+from mtan_jax.steps import Steps, create_model, lr_schedule
+from mtan_jax.tasks import make_tasks
+from mtan_jax.errors import ConfigError
+
+WIDTHS = (4, 8, 8, 8, 8)
+
+
+def _batch(n=4, h=32, w=64):
+  scenes = render_scenes(range(n), h, w, seed=0)
+  return {k: scenes[k] for k in ('image', 'label', 'depth', 'normal')}
+
+
+def _steps(method, names=('semantic', 'depth', 'normal'), lr=3e-3):
+  tasks = make_tasks(names, 7)
+  model = create_model('mtan', tasks, WIDTHS, seed=0)
+  return Steps(model, optax.adam(lr), method)
+
+
+@pytest.mark.parametrize('method', ['equal', 'dwa', 'uncertainty'])
+def test_train_steps_lower_the_loss_on_a_fixed_batch(method):
+  steps = _steps(method)
+  train_step = jax.jit(chex.assert_max_traces(steps.train_step, n=1), donate_argnums=0)
+  batch = jax.device_put(_batch())
+  state = steps.init_state()
+  losses = []
+  for _ in range(12):
+    state, metrics = train_step(state, batch)
+    losses.append(np.asarray(metrics['task_losses']))
+  losses = np.stack(losses)
+  # Every task improves, not just the total.
+  assert np.all(losses[-1] < losses[0]), losses[[0, -1]]
+  assert int(state.step) == 12
+  assert int(state.nonfinite_step) == -1
+  chex.clear_trace_counter()
+
+
+def test_changing_task_weights_and_epochs_never_retraces():
+  steps = _steps('dwa')
+  train_step = jax.jit(chex.assert_max_traces(steps.train_step, n=1), donate_argnums=0)
+  end_epoch = jax.jit(chex.assert_max_traces(steps.end_epoch, n=1), donate_argnums=0)
+  batch = jax.device_put(_batch())
+  state = steps.init_state()
+  seen = []
+  for _ in range(4):
+    for _ in range(2):
+      state, _ = train_step(state, batch)
+    state = end_epoch(state)
+    seen.append(np.asarray(state.weighting['weights']))
+  # DWA moved the weights after two epochs, yet each function compiled exactly once.
+  assert not np.allclose(seen[-1], 1.0)
+  np.testing.assert_allclose(seen[-1].sum(), 3.0, rtol=1e-5)
+  assert train_step._cache_size() == 1 and end_epoch._cache_size() == 1
+  chex.clear_trace_counter()
+
+
+def test_eval_step_uses_running_statistics_and_masks_padding():
+  steps = _steps('equal')
+  state = steps.init_state()
+  batch = _batch()
+  full = jax.jit(steps.eval_step)(state.params, state.batch_stats, {**batch, 'mask': np.ones(4, np.float32)})
+  half = jax.jit(steps.eval_step)(state.params, state.batch_stats,
+                                  {**batch, 'mask': np.array([1, 1, 0, 0], np.float32)})
+  two = jax.jit(steps.eval_step)(state.params, state.batch_stats,
+                                 {k: v[:2] for k, v in batch.items()} | {'mask': np.ones(2, np.float32)})
+  np.testing.assert_allclose(half['semantic']['confusion'], two['semantic']['confusion'])
+  np.testing.assert_allclose(half['depth']['abs_sum'], two['depth']['abs_sum'], rtol=1e-5)
+  assert full['semantic']['confusion'].sum() > half['semantic']['confusion'].sum()
+  # Evaluation does not touch BatchNorm statistics (they are not even an output).
+  assert set(full) == {'semantic', 'depth', 'normal'}
+
+
+def test_lr_schedule_is_torch_steplr():
+  schedule = lr_schedule(1e-4, steps_per_epoch=10, decay_every_epochs=100, decay_factor=0.5)
+  assert float(schedule(0)) == pytest.approx(1e-4)
+  assert float(schedule(999)) == pytest.approx(1e-4)
+  assert float(schedule(1000)) == pytest.approx(5e-5)
+  assert float(schedule(1999)) == pytest.approx(5e-5)
+  assert float(schedule(2000)) == pytest.approx(2.5e-5)
+
+
+def test_uncertainty_needs_logsigma():
+  tasks = make_tasks(('depth',), 7)
+  model = create_model('segnet', tasks, WIDTHS, seed=0)
+  with pytest.raises(ConfigError, match='uncertainty'):
+    Steps(model, optax.adam(1e-3), 'uncertainty')
