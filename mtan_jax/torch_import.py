@@ -93,7 +93,10 @@ def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _groups(names: list[str]) -> list[str]:
-  """Summarises state_dict names by module ('pred_task3', 'encoder_att.2', ...) for messages."""
+  """Names for an error message: the keys themselves when few, else their modules
+  ('pred_task3', 'encoder_att.2', ...)."""
+  if len(names) <= 3:
+    return names
   groups = []
   for name in names:
     parts = name.split('.')
@@ -123,12 +126,15 @@ def load_torch_state_dict(model: SegNetBackbone, state_dict: Mapping[str, np.nda
     raise DataError(f'{source} does not fit this model: {len(missing)} missing '
                     f'{_groups(missing)}, {len(unexpected)} unexpected {_groups(unexpected)}; '
                     f'check config.tasks, num_classes and widths')
+  # Check every shape before writing anything, so a bad file never leaves a half-loaded model.
+  values = {}
   for name, (var, kind) in targets.items():
-    value = _to_ours(np.asarray(given[name], np.float32), kind)
-    if value.shape != var.shape:
+    values[name] = _to_ours(np.asarray(given[name], np.float32), kind)
+    if values[name].shape != var.shape:
       raise DataError(f'{source}: {name} has shape {np.asarray(given[name]).shape}, expected '
                       f'{_to_torch(np.zeros(var.shape), kind).shape} for this model')
-    var[...] = value
+  for name, (var, _) in targets.items():
+    var[...] = values[name]
 
 
 def export_torch_state_dict(model: SegNetBackbone) -> dict[str, np.ndarray]:

@@ -67,12 +67,15 @@ def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                         f'the batch is split evenly across devices')
 
 
+_add_stats = jax.jit(metrics.add_stats)
+
+
 def _eval_metrics(eval_step, state: TrainState, source, keys, batch_size, tasks, sharding):
-  add = jax.jit(metrics.add_stats)
+  """Validation metrics over the whole source; sums stay on device until the end."""
   total = None
   for batch in _device_batches(eval_batches(source, keys, batch_size), sharding):
     stats = eval_step(state.params, state.batch_stats, batch)
-    total = stats if total is None else add(total, stats)
+    total = stats if total is None else _add_stats(total, stats)
   fetched = jax.device_get(total)
   return {task.name: task.finalize(fetched[task.name]) for task in tasks}
 

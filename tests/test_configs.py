@@ -1,0 +1,42 @@
+"""Every config variant loads, and README.md documents every config key."""
+
+import os
+import re
+
+import pytest
+
+from conftest import REPO
+from configs import mtan, single_task
+
+
+@pytest.mark.parametrize('variant', [None, 'nyuv2', 'synthetic', 'runlocal'])
+def test_mtan_variants(variant):
+  c = mtan.get_config(variant)
+  assert c.model == 'mtan' and c.num_epochs >= 1
+  if variant == 'nyuv2':
+    assert c.tasks == ('semantic', 'depth', 'normal') and c.num_classes == 13 and c.batch_size == 2
+  if variant is None:
+    # The reference's Cityscapes protocol.
+    assert (c.tasks, c.num_classes, c.batch_size, c.lr, c.num_epochs) == (('semantic', 'depth'), 7, 8, 1e-4, 200)
+    assert (c.lr_decay_every_epochs, c.lr_decay_factor, c.weighting, c.dwa_temperature) == (100, 0.5, 'dwa', 2.0)
+
+
+@pytest.mark.parametrize('variant', ['semantic', 'depth', 'nyuv2_normal', 'synthetic_depth'])
+def test_single_task_variants(variant):
+  c = single_task.get_config(variant)
+  assert c.model == 'segnet' and len(c.tasks) == 1 and c.tasks[0] == variant.split('_')[-1]
+
+
+def test_unknown_variants_are_rejected():
+  with pytest.raises(ValueError, match='unknown variant'):
+    mtan.get_config('imagenet')
+  with pytest.raises(ValueError, match='no surface normals'):
+    single_task.get_config('normal')
+
+
+def test_readme_documents_every_key():
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    documented = set(re.findall(r'^\| `([a-z_]+)` \|', f.read(), flags=re.M))
+  keys = set(mtan.get_config('runlocal').keys())
+  assert keys - documented == set(), 'undocumented config keys'
+  assert documented - keys == set(), 'README documents keys the config does not have'
