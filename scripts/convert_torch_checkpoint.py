@@ -11,16 +11,15 @@ training from the imported weights (with a fresh optimizer).
 """
 
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
+from mtan_jax import cli
 from mtan_jax.checkpointing import Checkpointer
 from mtan_jax.errors import MtanError
-from mtan_jax.logs import quiet_libraries
 from mtan_jax.steps import Steps, create_model, make_optimizer
 from mtan_jax.tasks import make_tasks
 from mtan_jax.torch_import import load_torch_state_dict
@@ -54,6 +53,10 @@ def read_pth(path: str) -> dict:
 
 def convert(config, pth: str, workdir: str) -> int:
   """Writes the converted checkpoint; returns the number of imported tensors."""
+  # Refuse an occupied workdir before the expensive part (torch, model building).
+  checkpointer = Checkpointer(workdir, async_save=False)
+  if checkpointer.latest_step() is not None:
+    raise MtanError(f'{checkpointer.directory} already holds checkpoints; choose a new --workdir')
   tasks = make_tasks(config.tasks, config.num_classes)
   model = create_model(config.model, tasks, config.widths, config.seed, config.dtype)
   state_dict = read_pth(pth)
@@ -61,24 +64,15 @@ def convert(config, pth: str, workdir: str) -> int:
   # Fresh Adam moments; the state's structure (not its values) depends on the schedule's kind.
   tx, _ = make_optimizer(config, steps_per_epoch=1)
   state = Steps(model, tx, config.weighting, config.dwa_temperature).init_state()
-  checkpointer = Checkpointer(workdir, async_save=False)
-  if checkpointer.latest_step() is not None:
-    raise MtanError(f'{checkpointer.directory} already holds checkpoints; choose a new --workdir')
   checkpointer.save(0, state, {'data': {}, 'history': [], 'imported_from': os.path.abspath(pth)})
   checkpointer.close()
   return len(state_dict)
 
 
-def main(argv):
-  del argv
-  quiet_libraries()
-  try:
-    n = convert(_CONFIG.value, _PTH.value, _WORKDIR.value)
-  except MtanError as exc:
-    print(f'error: {exc}', file=sys.stderr)
-    sys.exit(2)
+def main():
+  n = convert(_CONFIG.value, _PTH.value, _WORKDIR.value)
   print(f'imported {n} tensors from {_PTH.value} into {os.path.join(_WORKDIR.value, "checkpoints")}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

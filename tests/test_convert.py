@@ -49,3 +49,11 @@ def test_convert_rejects_a_mismatched_model(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith('error: ') and 'pred_task3' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_convert_reports_bad_overrides_as_one_line(tmp_path):
+  result = subprocess.run([sys.executable, CONVERT, f'--pth={tmp_path / "x.pth"}', f'--workdir={tmp_path / "run"}',
+                           '--config', os.path.join(REPO, 'configs', 'mtan.py'), '--config.foo=1'],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert "error: unknown config key 'foo'" in result.stderr and 'Traceback' not in result.stderr
