@@ -11,26 +11,38 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
+# configs/mtan.py:runlocal shrunk to seconds: 32x64 scenes, widths 4..8, 3 epochs of 4 steps.
+TINY = {
+    'widths': (4, 8, 8, 8, 8),
+    'image_size': (32, 64),
+    'synthetic_train_size': 16,
+    'synthetic_val_size': 6,
+    'batch_size': 4,
+    'eval_batch_size': 4,
+    'num_epochs': 3,
+    'log_every_steps': 2,
+    'checkpoint_every_steps': 3,
+    'report_last_epochs': 2,
+    'progress_bar': False,
+    'tensorboard': False,
+    'weighting': 'dwa',
+}
+
+
 def tiny_config(**overrides):
-  """configs/mtan.py:runlocal shrunk to seconds: 32x64 scenes, widths 4..8, 3 epochs of 4 steps."""
+  """The runlocal config with TINY and `overrides` applied."""
   from configs import mtan  # pylint: disable=g-import-not-at-top
   config = mtan.get_config('runlocal')
-  config.widths = (4, 8, 8, 8, 8)
-  config.image_size = (32, 64)
-  config.synthetic_train_size = 16
-  config.synthetic_val_size = 6
-  config.batch_size = 4
-  config.eval_batch_size = 4
-  config.num_epochs = 3
-  config.log_every_steps = 2
-  config.checkpoint_every_steps = 3
-  config.report_last_epochs = 2
-  config.progress_bar = False
-  config.tensorboard = False
-  config.weighting = 'dwa'
-  for key, value in overrides.items():
+  for key, value in {**TINY, **overrides}.items():
     config[key] = value
   return config
+
+
+def tiny_flags(**overrides):
+  """The same settings as `--config.KEY=VALUE` flags for scripts/train.py on :runlocal."""
+  def fmt(value):
+    return '(' + ','.join(str(v) for v in value) + ')' if isinstance(value, tuple) else str(value)
+  return [f'--config.{key}={fmt(value)}' for key, value in {**TINY, **overrides}.items()]
 
 
 @pytest.fixture

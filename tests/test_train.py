@@ -11,16 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, tiny_flags
 from mtan_jax.checkpointing import Checkpointer
 from mtan_jax.errors import ConfigError, DataError, NonFiniteLossError
 from mtan_jax.train import train_and_evaluate
 
-TINY_FLAGS = ['--config.widths=(4,8,8,8,8)', '--config.image_size=(32,64)',
-              '--config.synthetic_train_size=16', '--config.synthetic_val_size=6',
-              '--config.batch_size=4', '--config.eval_batch_size=4', '--config.log_every_steps=2',
-              '--config.checkpoint_every_steps=2', '--config.report_last_epochs=2',
-              '--config.progress_bar=False', '--config.tensorboard=False', '--config.weighting=dwa']
+# The kill test needs a longer run (8 epochs, 32 steps) with frequent checkpoints.
+TINY_FLAGS = tiny_flags(num_epochs=8, checkpoint_every_steps=2)
 
 
 def _train_cmd(workdir, *extra):
