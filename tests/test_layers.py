@@ -356,3 +356,149 @@ def test_xavier_normal_1x1_and_head_init():
   assert abs(k.std() / np.sqrt(2.0 / (9 * 64 + 9 * 64)) - 1) < 0.03
   for conv in (mask.conv1, mask.conv2, head.conv1, head.conv2):
     assert not np.any(np.asarray(conv.bias[...]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Task-stacked layers: (B, T, ..., C) activations must behave exactly like T calls in task order.
+
+
+def _stacked_input(num_tasks=3, seed=11):
+  """(B, T, H, W, C) data whose tasks have clearly different statistics."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(4, num_tasks, 5, 6, 3)) * rng.uniform(0.5, 2.0, size=(1, num_tasks, 1, 1, 3))
+  return (x + rng.normal(scale=3.0, size=(1, num_tasks, 1, 1, 3))).astype(np.float32)
+
+
+def _perturb_bn(bn, seed):
+  """Random affine and running statistics, so that mixing up modules or tasks shows."""
+  rng = np.random.default_rng(seed)
+  _random_affine(bn, seed)
+  bn.mean[...] = jnp.asarray(rng.normal(size=bn.mean.shape), jnp.float32)
+  bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, size=bn.var.shape), jnp.float32)
+
+
+def _bn_stats(bn):
+  return np.asarray(bn.mean[...]), np.asarray(bn.var[...])
+
+
+@pytest.mark.parametrize('num_tasks', [1, 3])
+def test_batchnorm_per_task_equals_sequential_calls(num_tasks):
+  x = _stacked_input(num_tasks)
+  grouped = layers.BatchNorm(3)
+  _perturb_bn(grouped, 12)
+  plain = nnx.clone(grouped)
+  y = np.asarray(grouped(jnp.asarray(x), per_task=True))
+  ref = np.stack([np.asarray(plain(jnp.asarray(x[:, t]))) for t in range(num_tasks)], axis=1)
+  np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+  for a, b in zip(_bn_stats(grouped), _bn_stats(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  # Per-task statistics really differ from pooled ones on this data.
+  if num_tasks > 1:
+    pooled = np.asarray(nnx.clone(plain)(jnp.asarray(x.reshape(-1, 5, 6, 3))))
+    assert not np.allclose(y.reshape(-1, 5, 6, 3), pooled, atol=1e-2)
+
+
+def test_batchnorm_per_task_eval_is_plain_batchnorm():
+  x = _stacked_input()
+  bn = layers.BatchNorm(3)
+  _perturb_bn(bn, 13)
+  view = nnx.view(bn, use_running_average=True)
+  stats = _bn_stats(bn)
+  y = np.asarray(view(jnp.asarray(x), per_task=True))
+  np.testing.assert_array_equal(y, np.asarray(view(jnp.asarray(x))))
+  for a, b in zip(_bn_stats(bn), stats):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_per_task_equals_each_module_on_its_slice(train):
+  x = _stacked_input()
+  bns = [layers.BatchNorm(3) for _ in range(3)]
+  for t, bn in enumerate(bns):
+    _perturb_bn(bn, 20 + t)
+  refs = [nnx.clone(bn) for bn in bns]
+  if not train:
+    bns = [nnx.view(bn, use_running_average=True) for bn in bns]
+    refs = [nnx.view(bn, use_running_average=True) for bn in refs]
+  y = np.asarray(layers.batch_norm_per_task(bns, jnp.asarray(x)))
+  ref = np.stack([np.asarray(bn(jnp.asarray(x[:, t]))) for t, bn in enumerate(refs)], axis=1)
+  np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+  for bn, ref_bn in zip(bns, refs):
+    for a, b in zip(_bn_stats(bn), _bn_stats(ref_bn)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_per_task_rejects_wrong_task_count():
+  with pytest.raises(ValueError, match='2 BatchNorm modules'):
+    layers.batch_norm_per_task([layers.BatchNorm(3), layers.BatchNorm(3)], jnp.asarray(_stacked_input()))
+
+
+def test_batch_norm_per_task_keeps_float32_stats_for_bfloat16():
+  bns = [layers.BatchNorm(3, dtype=jnp.bfloat16) for _ in range(3)]
+  y = layers.batch_norm_per_task(bns, jnp.asarray(_stacked_input(), jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  assert all(bn.mean[...].dtype == jnp.float32 and bn.var[...].dtype == jnp.float32 for bn in bns)
+
+
+def test_conv_layer_per_task_equals_sequential_calls():
+  x = _stacked_input()
+  layer = layers.ConvLayer(3, 4, rngs=nnx.Rngs(3))
+  _perturb_bn(layer.bn, 14)
+  ref_layer = nnx.clone(layer)
+  y = np.asarray(layer(jnp.asarray(x), per_task=True))
+  ref = np.stack([np.asarray(ref_layer(jnp.asarray(x[:, t]))) for t in range(3)], axis=1)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(_bn_stats(layer.bn), _bn_stats(ref_layer.bn)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _attention_modules(num_tasks, cin, seed=30):
+  masks = [layers.AttentionMask(cin, 4, 5, rngs=nnx.Rngs(seed + t)) for t in range(num_tasks)]
+  for t, mask in enumerate(masks):
+    _perturb_bn(mask.bn1, seed + 10 * t)
+    _perturb_bn(mask.bn2, seed + 10 * t + 1)
+    rng = np.random.default_rng(seed + t)
+    for conv in (mask.conv1, mask.conv2):
+      conv.bias[...] = jnp.asarray(rng.normal(size=conv.bias.shape), jnp.float32)
+  return masks
+
+
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('with_task_input', [False, True])
+def test_attention_masks_equal_per_task_masks_on_concat(train, with_task_input):
+  num_tasks = 3
+  rng = np.random.default_rng(15)
+  shared = rng.normal(size=(2, 4, 6, 3)).astype(np.float32)
+  task = rng.normal(size=(2, num_tasks, 4, 6, 2)).astype(np.float32) if with_task_input else None
+  masks = _attention_modules(num_tasks, 5 if with_task_input else 3)
+  refs = [nnx.clone(m) for m in masks]
+  if not train:
+    masks = [nnx.view(m, use_running_average=True) for m in masks]
+    refs = [nnx.view(m, use_running_average=True) for m in refs]
+  y = layers.attention_masks(masks, jnp.asarray(shared), None if task is None else jnp.asarray(task))
+  assert y.shape == (2, num_tasks, 4, 6, 5)
+  # The reference's order: [shared feature, task feature] along channels.
+  inputs = [shared if task is None else np.concatenate([shared, task[:, t]], axis=-1)
+            for t in range(num_tasks)]
+  ref = np.stack([np.asarray(m(jnp.asarray(i))) for m, i in zip(refs, inputs)], axis=1)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-6)
+  for mask, ref_mask in zip(masks, refs):
+    for bn, ref_bn in ((mask.bn1, ref_mask.bn1), (mask.bn2, ref_mask.bn2)):
+      for a, b in zip(_bn_stats(bn), _bn_stats(ref_bn)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_masks_reject_wrong_input_width():
+  masks = _attention_modules(2, 5)
+  with pytest.raises(ValueError, match='5 input channels, given 3'):
+    layers.attention_masks(masks, jnp.zeros((1, 2, 2, 3)))
+
+
+def test_attention_masks_bfloat16_matches_module_dtype():
+  masks = [layers.AttentionMask(3, 4, 5, rngs=nnx.Rngs(t), dtype=jnp.bfloat16) for t in range(2)]
+  refs = [nnx.clone(m) for m in masks]
+  shared = jnp.asarray(np.random.default_rng(16).normal(size=(2, 4, 6, 3)), jnp.float32)
+  y = layers.attention_masks(masks, shared)
+  assert y.dtype == jnp.bfloat16
+  ref = np.stack([np.asarray(m(shared), np.float32) for m in refs], axis=1)
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=0, atol=2e-2)

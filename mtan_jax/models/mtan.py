@@ -7,20 +7,23 @@ max-pool follow. The decoder mirrors this with x2 bilinear upsampling (align_cor
 the shared `decoder_block_att`, and masks over the max-unpooled shared features. Each task
 ends in its own prediction head. Attribute names follow the PyTorch reference so that
 weights import one to one; heads are `pred_task1`, `pred_task2`, ... in task order.
+
+By default the attention path runs all tasks in lockstep on task-stacked activations
+(B, T, H, W, C) (see `MTAN`); `stack_tasks=False` keeps the reference's one-task-at-a-time loop.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mtan_jax.errors import ConfigError
-from mtan_jax.models.layers import (AttentionMask, ConvLayer, PredictionHead, max_pool,
-                                    upsample2x_bilinear)
-from mtan_jax.models.segnet import DEFAULT_WIDTHS, NUM_LEVELS, SegNetBackbone
+from mtan_jax.models.layers import (AttentionMask, ConvLayer, PredictionHead, attention_masks,
+                                    max_pool, upsample2x_bilinear)
+from mtan_jax.models.segnet import DEFAULT_WIDTHS, NUM_LEVELS, SegNetBackbone, SegNetFeatures
 from mtan_jax.tasks import Task
 
 
@@ -30,14 +33,37 @@ class MTAN(SegNetBackbone):
   Call it on images (B, H, W, C_in) to get one prediction (B, H, W, task.channels) per task,
   each passed through its task's output activation. `logsigma` holds one learned log-variance
   per task for uncertainty weighting (initialised to -0.5, as in the reference).
+
+  Two forward passes compute the same function (and the same BatchNorm running-statistics
+  updates) from the same parameters and state:
+
+  - `stack_tasks=True` (default): all tasks advance in lockstep on task-stacked activations
+    (B, T, H, W, C), the task axis right after the batch axis so that a batch sharded across
+    devices stays contiguous per device when (B, T) is merged. The shared attention convs run
+    once on (B*T, H, W, C) with per-task BatchNorm statistics, the per-task masks run as
+    batched einsums (`layers.attention_masks`), and pooling / upsampling run on the merged
+    view. Fewer, larger ops than the loop.
+  - `stack_tasks=False`: the reference's order, one task at a time through every level. Kept
+    as the reference-order path that tests check the stacked one against, and for A/B timing
+    (benchmarks/ab_stack_tasks.py).
+
+  Args:
+    tasks: the tasks, in head order.
+    widths: channel widths of the five SegNet levels.
+    in_channels: input image channels.
+    rngs: parameter initialisation keys.
+    dtype: compute dtype (parameters and BatchNorm statistics stay float32).
+    stack_tasks: run the attention path task-stacked (True) or task by task (False).
   """
 
   def __init__(self, tasks: Sequence[Task], widths: Sequence[int] = DEFAULT_WIDTHS,
-               in_channels: int = 3, *, rngs: nnx.Rngs, dtype=jnp.float32):
+               in_channels: int = 3, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               stack_tasks: bool = True):
     super().__init__(widths, in_channels, rngs=rngs, dtype=dtype)
     if not tasks:
       raise ConfigError('MTAN needs at least one task')
     self.tasks = tuple(tasks)
+    self.stack_tasks = bool(stack_tasks)
     f = self.widths
     # Encoder masks: level 0 sees the first shared feature; deeper levels see it concatenated
     # with the previous level's attended feature (which encoder_block_att brought to f[j]).
@@ -70,6 +96,12 @@ class MTAN(SegNetBackbone):
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     feats = self.features(x)
+    if self.stack_tasks:
+      return self._attend_stacked(feats)
+    return self._attend_per_task(feats)
+
+  def _attend_per_task(self, feats: SegNetFeatures) -> list[jax.Array]:
+    """The attention path and heads one task at a time, in the reference's order."""
     outputs = []
     for t, (task, head) in enumerate(zip(self.tasks, self.heads())):
       a = None
@@ -84,3 +116,32 @@ class MTAN(SegNetBackbone):
         a = mask * feats.dec_last[j]
       outputs.append(task.activate(head(a)))
     return outputs
+
+  def _attend_stacked(self, feats: SegNetFeatures) -> list[jax.Array]:
+    """The attention path of all tasks at once on (B, T, H, W, C) activations; heads per task."""
+    num_tasks = len(self.tasks)
+    a = None  # (B, T, H, W, C) attended features of every task
+    for j in range(NUM_LEVELS):
+      masks = attention_masks([self.encoder_att[t][j] for t in range(num_tasks)],
+                              feats.enc_first[j], a)
+      a = masks * feats.enc_last[j][:, None]
+      a = _merge_tasks(max_pool, self.encoder_block_att[j](a, per_task=True))
+    for j in range(NUM_LEVELS):
+      level = NUM_LEVELS - 1 - j
+      a = self.decoder_block_att[level](_merge_tasks(upsample2x_bilinear, a), per_task=True)
+      masks = attention_masks([self.decoder_att[t][level] for t in range(num_tasks)],
+                              feats.unpooled[j], a)
+      a = masks * feats.dec_last[j][:, None]
+    # Heads differ in output width per task, so they stay separate.
+    return [task.activate(head(a[:, t]))
+            for t, (task, head) in enumerate(zip(self.tasks, self.heads()))]
+
+
+def _merge_tasks(fn: Callable[[jax.Array], jax.Array], a: jax.Array) -> jax.Array:
+  """Applies a per-image op `fn` to (B, T, H, W, C) through its (B*T, H, W, C) view.
+
+  Batch-major merging keeps each device's batch shard contiguous, so no data moves.
+  """
+  b, t = a.shape[:2]
+  y = fn(a.reshape((b * t,) + a.shape[2:]))
+  return y.reshape((b, t) + y.shape[1:])
