@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_classes = 7
   c.widths = (64, 128, 256, 512, 512)
   c.dtype = 'float32'
+  c.task_stacking = 'auto'
   # Data.
   c.dataset = 'cityscapes'
   c.data_dir = ''
@@ -45,6 +46,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.weighting = 'dwa'
   c.dwa_temperature = 2.0
   c.seed = 0
+  # Devices and processes (README: "Many devices and many hosts").
+  c.fsdp = False
+  c.fsdp_min_size = 2 ** 14
+  c.distributed = 'auto'
+  c.coordinator_address = ''
+  c.num_processes = 0
+  c.process_id = -1
   # Logging, checkpoints, evaluation.
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000

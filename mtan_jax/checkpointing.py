@@ -30,8 +30,11 @@ class Checkpointer:
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
         # Leftovers of a save that was killed half way are removed on start-up.
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'meta'))
+    # Named handlers (rather than item names alone) let the manager read an item's metadata,
+    # which `restore_arrays` needs to restore a checkpoint written on other devices.
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -63,11 +66,17 @@ class Checkpointer:
     return restored['state'], restored['meta']
 
   def restore_arrays(self, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """Restores a checkpoint without a target structure: the state comes back as nested dicts
-    of arrays (for inspection and tools that do not rebuild the model)."""
+    """Restores a checkpoint without a target structure, onto this process's first device.
+
+    The state comes back as nested dicts of arrays (for inspection and tools that do not
+    rebuild the model), whatever devices and processes wrote it.
+    """
     step = self.latest_step() if step is None else step
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = self._manager.item_metadata(step)['state']
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return restored['state'], restored['meta']
 
   def wait(self) -> None:

@@ -24,7 +24,9 @@ from mtan_jax.models.segnet import SegNet
 from mtan_jax.tasks import Task, safe_mean
 
 MODELS = ('mtan', 'segnet')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# float64 is for numerical checks (device-count and multi-host equality tests, parity
+# studies): it needs `jax_enable_x64`, which `train_and_evaluate` turns on for it.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
 
 
 @flax.struct.dataclass
@@ -39,14 +41,41 @@ class TrainState:
   nonfinite_step: jax.Array
 
 
+TASK_STACKING = ('auto', 'stacked', 'loop')
+
+
+def stack_tasks_for(task_stacking: str, backend: str | None = None) -> bool:
+  """Resolves `config.task_stacking` to MTAN's `stack_tasks` flag.
+
+  'auto' stacks on GPU and TPU but not on CPU, where the stacked path measured 7-13% slower
+  than the task loop (benchmarks/NOTES.md); on accelerators stacking issues a third fewer ops
+  per step, a predicted gain that was not yet measured on a GPU.
+  """
+  if task_stacking not in TASK_STACKING:
+    raise ConfigError(f'unknown config.task_stacking={task_stacking!r}; expected one of '
+                      f'{", ".join(TASK_STACKING)}')
+  if task_stacking == 'auto':
+    return (backend or jax.default_backend()) != 'cpu'
+  return task_stacking == 'stacked'
+
+
 def create_model(name: str, tasks: Sequence[Task], widths: Sequence[int], seed: int,
-                 dtype: str = 'float32', in_channels: int = 3) -> nnx.Module:
-  """Builds 'mtan' (all tasks) or 'segnet' (single-task baseline) with the reference's init."""
+                 dtype: str = 'float32', in_channels: int = 3,
+                 task_stacking: str = 'auto') -> nnx.Module:
+  """Builds 'mtan' (all tasks) or 'segnet' (single-task baseline) with the reference's init.
+
+  `task_stacking` ('auto', 'stacked', 'loop') picks how MTAN runs its attention path; the
+  two give the same results up to rounding (see `stack_tasks_for`).
+  """
   if dtype not in DTYPES:
     raise ConfigError(f'unknown config.dtype={dtype!r}; expected one of {", ".join(DTYPES)}')
+  if dtype == 'float64' and not jax.config.jax_enable_x64:
+    raise ConfigError('config.dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or '
+                      'jax.config.update("jax_enable_x64", True) before anything else')
   rngs = nnx.Rngs(seed)
   if name == 'mtan':
-    return MTAN(tasks, widths, in_channels, rngs=rngs, dtype=DTYPES[dtype])
+    return MTAN(tasks, widths, in_channels, rngs=rngs, dtype=DTYPES[dtype],
+                stack_tasks=stack_tasks_for(task_stacking))
   if name == 'segnet':
     if len(tasks) != 1:
       raise ConfigError(f'config.model=segnet is single-task but config.tasks has {len(tasks)} '
@@ -99,11 +128,21 @@ class Steps:
     self.graphdef, self._params, self._batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     eval_view = nnx.view(model, use_running_average=True)
     self.eval_graphdef = nnx.split(eval_view, nnx.Param, nnx.BatchStat)[0]
+    # FSDP (mtan_jax.sharding): where parameters live sharded, the step gathers them whole
+    # for the forward pass and hands gradients back in the sharded layout (a reduce-scatter).
+    self.gathered_params_sharding: Any = None
+    self.params_sharding: Any = None
 
   def init_state(self) -> TrainState:
-    """A fresh train state holding the model's initial arrays."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=self._params,
-                      batch_stats=self._batch_stats, opt_state=self.tx.init(self._params),
+    """A fresh train state holding the model's initial arrays (a concrete model only)."""
+    return self.state_from_model(nnx.merge(self.graphdef, self._params, self._batch_stats))
+
+  def state_from_model(self, model: nnx.Module) -> TrainState:
+    """The initial train state of `model`; pure, so it can run under `jax.jit` with output
+    shardings and build the state directly on the devices (see `mtan_jax.sharding`)."""
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=batch_stats, opt_state=self.tx.init(params),
                       weighting=weighting.init_state(len(self.tasks)),
                       nonfinite_step=jnp.full((), -1, jnp.int32))
 
@@ -128,8 +167,13 @@ class Steps:
       total = weighting.combine(self.method, losses, state.weighting, logsigma)
       return total, (losses, nnx.state(model, nnx.BatchStat))
 
+    params = state.params
+    if self.gathered_params_sharding is not None:
+      params = jax.lax.with_sharding_constraint(params, self.gathered_params_sharding)
     (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats)
+        params, state.batch_stats)
+    if self.params_sharding is not None:
+      grads = jax.lax.with_sharding_constraint(grads, self.params_sharding)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(losses))

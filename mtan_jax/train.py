@@ -20,35 +20,39 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
 from tqdm import tqdm
 
-from mtan_jax import metrics, report
-from mtan_jax.checkpointing import Checkpointer, abstract_like
+from mtan_jax import metrics, report, sharding
+from mtan_jax.checkpointing import Checkpointer
 from mtan_jax.data import make_sources
-from mtan_jax.data.pipeline import eval_batches, train_batches
+from mtan_jax.data.pipeline import KEY_SPECS, eval_batches, example_shape, train_batches
+from mtan_jax.distributed import maybe_initialize
 from mtan_jax.errors import ConfigError, NonFiniteLossError
 from mtan_jax.logs import MetricWriter
 from mtan_jax.models.segnet import check_input_size
-from mtan_jax.steps import Steps, TrainState, create_model, jit_steps, make_optimizer
+from mtan_jax.steps import Steps, TrainState, create_model, make_optimizer
 from mtan_jax.tasks import make_tasks
 
 log = logging.getLogger('mtan_jax')
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D data-parallel mesh over every device."""
-  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def _device_batches(batches: Iterator[dict[str, np.ndarray]], sharding, ahead: int = 2):
-  """Moves host batches onto the devices a few steps ahead of their use."""
+def _device_batches(batches: Iterator[dict[str, np.ndarray]], data_sharding, rows: tuple[int, int],
+                    size: int, ahead: int = 2):
+  """Assembles global batches from this process's rows, a few steps ahead of their use."""
   queue = []
   for batch in batches:
-    queue.append(jax.device_put(batch, sharding))
+    queue.append(sharding.global_batch(batch, data_sharding, rows, size))
     if len(queue) > ahead:
       yield queue.pop(0)
   yield from queue
+
+
+def _batch_spec(keys, image_size, size, data_sharding, with_mask=False):
+  shapes = {k: (example_shape(k, *image_size), KEY_SPECS[k][0]) for k in keys}
+  if with_mask:
+    shapes['mask'] = ((), np.float32)
+  return sharding.batch_spec(shapes, size, data_sharding)
 
 
 def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -61,6 +65,8 @@ def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'config.lr={config.lr}; expected > 0')
   if config.dwa_temperature <= 0:
     raise ConfigError(f'config.dwa_temperature={config.dwa_temperature}; expected > 0')
+  if int(config.fsdp_min_size) < 0:
+    raise ConfigError(f'config.fsdp_min_size={config.fsdp_min_size}; expected >= 0')
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % num_devices:
       raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} devices; '
@@ -70,18 +76,20 @@ def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
 _add_stats = jax.jit(metrics.add_stats)
 
 
-def _eval_metrics(eval_step, state: TrainState, source, keys, batch_size, tasks, sharding):
+def _eval_metrics(eval_step, state: TrainState, source, keys, batch_size, tasks, data_sharding):
   """Validation metrics over the whole source; sums stay on device until the end."""
+  rows = sharding.process_rows(data_sharding, batch_size)
   total = None
-  for batch in _device_batches(eval_batches(source, keys, batch_size), sharding):
+  for batch in _device_batches(eval_batches(source, keys, batch_size, rows), data_sharding, rows,
+                               batch_size):
     stats = eval_step(state.params, state.batch_stats, batch)
     total = stats if total is None else _add_stats(total, stats)
-  fetched = jax.device_get(total)
+  fetched = sharding.to_host(total)
   return {task.name: task.finalize(fetched[task.name]) for task in tasks}
 
 
 def _check_finite(state: TrainState, checkpointer: Checkpointer) -> None:
-  bad = int(state.nonfinite_step)
+  bad = int(sharding.to_host(state.nonfinite_step))
   if bad >= 0:
     last = checkpointer.latest_step()
     kept = f'the last good checkpoint is step {last} in {checkpointer.directory}' if last is not None \
@@ -101,8 +109,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final summary: validation metrics averaged over the last `config.report_last_epochs`
     epochs (and Delta_MTL when baselines are configured).
   """
-  # --- Config and data -------------------------------------------------------------------
-  mesh = make_mesh()
+  # --- Processes, devices, config and data ------------------------------------------------
+  maybe_initialize(config)
+  if config.dtype == 'float64':
+    # Process-wide, before any array exists: 64-bit compute for numerical checks.
+    jax.config.update('jax_enable_x64', True)
+  if jax.process_index() != 0:
+    # Every process runs the same loop; one of them speaks.
+    log.setLevel(logging.WARNING)
+  mesh = sharding.make_mesh()
   _check_config(config, mesh.size)
   tasks = make_tasks(config.tasks, config.num_classes)
   baselines = report.load_baselines(config.single_task_baselines)
@@ -110,6 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_input_size(*train_source.shape)
   keys = ('image',) + tuple(t.target_key for t in tasks)
   batch_size = int(config.batch_size)
+  eval_batch_size = int(config.eval_batch_size)
   steps_per_epoch = len(train_source) // batch_size
   if steps_per_epoch < 1:
     raise ConfigError(f'the training set has {len(train_source)} examples, fewer than '
@@ -121,39 +137,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       f.write(config.to_json(indent=2))
 
-  # --- Model, optimizer and compiled steps -----------------------------------------------
-  model = create_model(config.model, tasks, config.widths, config.seed, config.dtype)
-  tx, schedule = make_optimizer(config, steps_per_epoch)
-  steps = Steps(model, tx, config.weighting, config.dwa_temperature)
-  del model
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P('data'))
-  state = jax.device_put(steps.init_state(), replicated)
-  train_step, end_epoch, eval_step = jit_steps(steps)
+  # --- Model, optimizer, shardings and compiled steps --------------------------------------
+  def make_model():
+    return create_model(config.model, tasks, config.widths, config.seed, config.dtype,
+                        task_stacking=config.task_stacking)
 
-  # --- Restore ---------------------------------------------------------------------------
+  tx, schedule = make_optimizer(config, steps_per_epoch)
+  # The model is only traced here (no arrays): the state is created directly on the devices.
+  steps = Steps(nnx.eval_shape(make_model), tx, config.weighting, config.dwa_temperature)
+  state_shapes = jax.eval_shape(lambda: steps.state_from_model(make_model()))
+  shardings = sharding.state_shardings(state_shapes, mesh, bool(config.fsdp), int(config.fsdp_min_size))
+  if config.fsdp:
+    sharding.configure_fsdp(steps, shardings, mesh)
+  data_sharding = sharding.batch_sharding(mesh)
+  train_rows = sharding.process_rows(data_sharding, batch_size)
+  compiled = sharding.compile_steps(
+      steps, state_shapes, shardings,
+      _batch_spec(keys, train_source.shape, batch_size, data_sharding),
+      _batch_spec(keys, val_source.shape, eval_batch_size, data_sharding, with_mask=True), mesh)
+  log.info('%d device(s) in %d process(es), batch %d per step (%d per device), %s\n%s',
+           mesh.size, jax.process_count(), batch_size, batch_size // mesh.size,
+           'FSDP-sharded state' if config.fsdp else 'replicated state', compiled.describe())
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'compiled.json'), 'w', encoding='utf-8') as f:
+      json.dump({'devices': mesh.size, 'processes': jax.process_count(),
+                 'compile_seconds': compiled.compile_seconds,
+                 'memory_bytes_per_device': compiled.memory}, f, indent=2)
+  train_step, end_epoch, eval_step = compiled.train_step, compiled.end_epoch, compiled.eval_step
+
+  # --- Restore (or initialise) -------------------------------------------------------------
   checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   history: list[dict[str, Any]] = []
   data_meta = {'seed': int(config.seed), 'batch_size': batch_size, 'steps_per_epoch': steps_per_epoch,
                'num_train': len(train_source)}
   if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(abstract_like(state))
+    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            state_shapes, shardings)
+    state, meta = checkpointer.restore(abstract)
     # An imported checkpoint (scripts/convert_torch_checkpoint.py) has no data position yet.
     for key, value in data_meta.items() if meta['data'] else ():
       if meta['data'].get(key) != value:
         raise ConfigError(f'{checkpointer.directory} was written with {key}={meta["data"].get(key)} but '
                           f'this run has {key}={value}; the run cannot resume, use a new --workdir')
     history = list(meta['history'])
-    log.info('resumed from step %d in %s', int(state.step), checkpointer.directory)
+    log.info('resumed from step %d in %s', int(sharding.to_host(state.step)), checkpointer.directory)
+  else:
+    state = sharding.init_state(steps, make_model, shardings)
 
   def save(state: TrainState) -> None:
     _check_finite(state, checkpointer)
-    checkpointer.save(int(state.step), state, {'data': data_meta, 'history': history})
+    checkpointer.save(int(sharding.to_host(state.step)), state, {'data': data_meta, 'history': history})
 
   # --- Loop ------------------------------------------------------------------------------
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
-  step = int(state.step)
-  first_epoch = int(state.weighting['epochs_done'])
+  step = int(sharding.to_host(state.step))
+  first_epoch = int(sharding.to_host(state.weighting['epochs_done']))
   bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit='img', unit_scale=True,
              dynamic_ncols=True, mininterval=2.0,
              disable=not config.progress_bar or jax.process_index() != 0)
@@ -161,14 +199,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for epoch in range(first_epoch, int(config.num_epochs)):
       bar.set_description(f'epoch {epoch + 1}/{config.num_epochs}')
       start = step - epoch * steps_per_epoch
-      batches = train_batches(train_source, keys, batch_size, epoch, config.seed, start_step=start)
+      batches = train_batches(train_source, keys, batch_size, epoch, config.seed, start_step=start,
+                              rows=train_rows)
       t0, n0 = time.perf_counter(), step
-      for batch in _device_batches(batches, data_sharding):
+      for batch in _device_batches(batches, data_sharding, train_rows, batch_size):
         state, step_metrics = train_step(state, batch)
         step += 1
         bar.update(batch_size)
         if step % config.log_every_steps == 0:
-          fetched = jax.device_get(step_metrics)
+          fetched = sharding.to_host(step_metrics)
           _check_finite(state, checkpointer)
           rate = (step - n0) * batch_size / max(time.perf_counter() - t0, 1e-9)
           writer.write(step, {'loss': fetched['loss'],
@@ -179,18 +218,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
           save(state)
       state = end_epoch(state)
-      epoch_avg = jax.device_get(state.weighting['loss_history'][1])
+      epoch_avg = sharding.to_host(state.weighting['loss_history'][1])
       record: dict[str, Any] = {'epoch': epoch + 1, 'train': {t.name: {'loss': float(v)}
                                                                 for t, v in zip(tasks, epoch_avg)}}
       if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-        record['val'] = _eval_metrics(eval_step, state, val_source, keys, config.eval_batch_size,
+        record['val'] = _eval_metrics(eval_step, state, val_source, keys, eval_batch_size,
                                       tasks, data_sharding)
         writer.write(step, record['val'], prefix='val')
         log.info('epoch %d: %s', epoch + 1, json.dumps(record['val']))
         history.append(record)
       writer.write(step, {**record['train'],
                           'weights': dict(zip([t.name for t in tasks],
-                                              jax.device_get(state.weighting['weights']).tolist()))},
+                                              sharding.to_host(state.weighting['weights']).tolist()))},
                    prefix='train_epoch')
       save(state)
   finally:

@@ -72,3 +72,20 @@ def test_synthetic_source_is_deterministic_and_val_is_disjoint():
   assert train[2] is train[2]  # cached after the first render
   with pytest.raises(DataError):
     SyntheticSource(0, 32, 64, seed=0)
+
+
+def test_each_process_loads_only_its_rows_of_every_batch():
+  source = SyntheticSource(12, 32, 64, seed=0)
+  keys = ('image', 'label')
+  whole = list(train_batches(source, keys, 4, epoch=1, seed=3))
+  # Two "processes", each holding two rows of every global batch of 4.
+  halves = [list(train_batches(source, keys, 4, epoch=1, seed=3, rows=rows)) for rows in ((0, 2), (2, 4))]
+  assert len(whole) == len(halves[0]) == len(halves[1]) == 3
+  for full, a, b in zip(whole, *halves):
+    np.testing.assert_array_equal(np.concatenate([a['label'], b['label']]), full['label'])
+  # Evaluation: padded batches split the same way, masks included.
+  ev = list(eval_batches(source, keys, 8))
+  ev_halves = [list(eval_batches(source, keys, 8, rows=rows)) for rows in ((0, 4), (4, 8))]
+  for full, a, b in zip(ev, *ev_halves):
+    np.testing.assert_array_equal(np.concatenate([a['mask'], b['mask']]), full['mask'])
+    np.testing.assert_array_equal(np.concatenate([a['image'], b['image']]), full['image'])

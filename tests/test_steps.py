@@ -92,3 +92,43 @@ def test_uncertainty_needs_logsigma():
   model = create_model('segnet', tasks, WIDTHS, seed=0)
   with pytest.raises(ConfigError, match='uncertainty'):
     Steps(model, optax.adam(1e-3), 'uncertainty')
+
+
+def test_bfloat16_is_mixed_precision():
+  """bf16 activations; float32 parameters, Adam state, BatchNorm statistics and losses."""
+  tasks = make_tasks(('semantic', 'depth', 'normal'), 7)
+  model = create_model('mtan', tasks, WIDTHS, seed=0, dtype='bfloat16')
+  steps = Steps(model, optax.adam(1e-3), 'uncertainty')
+  state = steps.init_state()
+  batch = jax.device_put(_batch())
+  # Activations really are bf16 inside the network...
+  feats = steps.model(state.params, state.batch_stats, train=False).features(batch['image'])
+  assert feats.dec_last[-1].dtype == jax.numpy.bfloat16
+  state, metrics = jax.jit(steps.train_step, donate_argnums=0)(state, batch)
+  # ...while everything that is kept or reduced stays float32.
+  for tree in (state.params, state.batch_stats, state.opt_state, state.weighting):
+    for leaf in jax.tree.leaves(tree):
+      if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating):
+        assert leaf.dtype == jax.numpy.float32, leaf.dtype
+  assert metrics['loss'].dtype == jax.numpy.float32
+  assert metrics['task_losses'].dtype == jax.numpy.float32
+  assert np.all(np.isfinite(np.asarray(metrics['task_losses'])))
+  preds = steps.predict(state.params, state.batch_stats, batch['image'])
+  assert all(p.dtype == jax.numpy.float32 for p in preds)
+
+
+def test_float64_needs_x64():
+  tasks = make_tasks(('depth',), 7)
+  if jax.config.jax_enable_x64:
+    pytest.skip('x64 is on in this process')
+  with pytest.raises(ConfigError, match='float64 needs 64-bit JAX'):
+    create_model('mtan', tasks, WIDTHS, seed=0, dtype='float64')
+
+
+def test_task_stacking_resolves_by_backend():
+  from mtan_jax.steps import stack_tasks_for  # pylint: disable=g-import-not-at-top
+  assert stack_tasks_for('auto', 'gpu') and stack_tasks_for('auto', 'tpu')
+  assert not stack_tasks_for('auto', 'cpu')
+  assert stack_tasks_for('stacked', 'cpu') and not stack_tasks_for('loop', 'gpu')
+  with pytest.raises(ConfigError, match='config.task_stacking'):
+    stack_tasks_for('fast')

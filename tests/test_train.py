@@ -170,3 +170,16 @@ def test_runlocal_readme_command_learns(tmp_path):
   evals = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   depth = [e['val/depth/abs_err'] for e in evals if 'val/depth/abs_err' in e]
   assert depth[-1] < 0.5 * depth[0]
+
+
+@pytest.mark.slow
+def test_bfloat16_training_matches_float32(tmp_path):
+  """Mixed precision trains to the float32 run's validation metrics (loose: a tiny, short run;
+  README "Measured" gives the runlocal comparison)."""
+  settings = dict(num_epochs=4, synthetic_train_size=32, lr_decay_every_epochs=0)
+  f32 = train_and_evaluate(tiny_config(**settings), str(tmp_path / 'f32'))
+  bf16 = train_and_evaluate(tiny_config(dtype='bfloat16', **settings), str(tmp_path / 'bf16'))
+  assert bf16['val']['semantic']['pix_acc'] == pytest.approx(f32['val']['semantic']['pix_acc'], abs=0.05)
+  assert bf16['val']['semantic']['miou'] == pytest.approx(f32['val']['semantic']['miou'], abs=0.05)
+  assert bf16['val']['depth']['abs_err'] == pytest.approx(f32['val']['depth']['abs_err'], rel=0.15)
+  assert bf16['val']['normal']['mean'] == pytest.approx(f32['val']['normal']['mean'], rel=0.1)

@@ -98,8 +98,20 @@ def _iterate(ds) -> Iterator[dict[str, np.ndarray]]:
       raise _data_error_from(exc) from None
 
 
+def _rows_of_each_batch(indices: np.ndarray, batch_size: int,
+                        rows: tuple[int, int] | None) -> tuple[np.ndarray, int]:
+  """This process's rows [start, stop) of every global batch in `indices`, and their count."""
+  if rows is None:
+    return indices, batch_size
+  start, stop = rows
+  if not 0 <= start < stop <= batch_size:
+    raise ValueError(f'rows {rows} do not lie inside a batch of {batch_size}')
+  return indices.reshape(-1, batch_size)[:, start:stop].reshape(-1), stop - start
+
+
 def train_batches(source, keys: Sequence[str], batch_size: int, epoch: int, seed: int,
-                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  start_step: int = 0, rows: tuple[int, int] | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """Batches of one training epoch, starting at step `start_step` of that epoch.
 
   Args:
@@ -109,6 +121,8 @@ def train_batches(source, keys: Sequence[str], batch_size: int, epoch: int, seed
     epoch: epoch number; with `seed` it fixes the order.
     seed: data seed.
     start_step: batches of this epoch already consumed (resume).
+    rows: with several processes, the rows [start, stop) of each global batch this process
+      loads (`mtan_jax.sharding.process_rows`); None loads whole batches.
 
   Returns:
     An iterator of dicts of numpy arrays with a leading batch axis.
@@ -116,14 +130,20 @@ def train_batches(source, keys: Sequence[str], batch_size: int, epoch: int, seed
   order = epoch_order(len(source), batch_size, epoch, seed)[start_step * batch_size:]
   if order.size == 0:
     return iter(())
-  return _iterate(_dataset(source, order, keys, batch_size, with_mask=False))
+  order, local_size = _rows_of_each_batch(order, batch_size, rows)
+  return _iterate(_dataset(source, order, keys, local_size, with_mask=False))
 
 
-def eval_batches(source, keys: Sequence[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Every example once, in order, in fixed-size batches; padding rows have mask 0."""
+def eval_batches(source, keys: Sequence[str], batch_size: int,
+                 rows: tuple[int, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Every example once, in order, in fixed-size batches; padding rows have mask 0.
+
+  `rows` selects this process's part of each global batch, as in `train_batches`.
+  """
   n = len(source)
   padded = -(-n // batch_size) * batch_size
-  return _iterate(_dataset(source, np.arange(padded), keys, batch_size, with_mask=True))
+  indices, local_size = _rows_of_each_batch(np.arange(padded), batch_size, rows)
+  return _iterate(_dataset(source, indices, keys, local_size, with_mask=True))
 
 
 class SyntheticSource:
