@@ -67,8 +67,12 @@ def _task_rows(v: jax.Array, ndim: int) -> jax.Array:
 def _normalise(x: jax.Array, mean, var, scale, bias, epsilon: float, dtype) -> jax.Array:
   # Subtract the mean before scaling: folding it into one bias (x * m + (b - mean * m))
   # cancels catastrophically when |mean| >> std, costing ~1e-5 relative error per layer.
+  # The arithmetic runs in float32 even for bfloat16 activations: x - mean in bf16 keeps only
+  # 8 significant bits of a difference that may be much smaller than x. XLA fuses the casts
+  # into the same elementwise kernel, so memory traffic stays bf16.
+  compute = jnp.promote_types(x.dtype, jnp.float32)
   mul = scale * jax.lax.rsqrt(var + epsilon)
-  y = (x - mean.astype(x.dtype)) * mul.astype(x.dtype) + bias.astype(x.dtype)
+  y = (x.astype(compute) - mean.astype(compute)) * mul.astype(compute) + bias.astype(compute)
   return y.astype(dtype)
 
 
