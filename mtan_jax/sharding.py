@@ -99,10 +99,10 @@ def init_state(steps: Steps, make_model: Callable[[], Any], shardings: TrainStat
   return jax.jit(lambda: steps.state_from_model(make_model()), out_shardings=shardings)()
 
 
-def abstract_state(steps: Steps, make_model: Callable[[], Any], shardings: TrainState) -> TrainState:
-  """Shapes, dtypes and shardings of the train state, without computing anything."""
-  shapes = jax.eval_shape(lambda: steps.state_from_model(make_model()))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+  """`shapes` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs carrying `shardings`, for
+  lowering ahead of time and for restoring checkpoints straight into their layout."""
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def compile_steps(steps: Steps, state: TrainState, shardings: TrainState, train_
     mesh: the device mesh.
   """
   rep = replicated(mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  abstract = with_shardings(state, shardings)
   jobs = {
       'train_step': (jax.jit(steps.train_step, in_shardings=(shardings, _shardings_of(train_batch)),
                              out_shardings=(shardings, rep), donate_argnums=0),

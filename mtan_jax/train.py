@@ -171,9 +171,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_meta = {'seed': int(config.seed), 'batch_size': batch_size, 'steps_per_epoch': steps_per_epoch,
                'num_train': len(train_source)}
   if checkpointer.latest_step() is not None:
-    abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                            state_shapes, shardings)
-    state, meta = checkpointer.restore(abstract)
+    state, meta = checkpointer.restore(sharding.with_shardings(state_shapes, shardings))
     # An imported checkpoint (scripts/convert_torch_checkpoint.py) has no data position yet.
     for key, value in data_meta.items() if meta['data'] else ():
       if meta['data'].get(key) != value:
