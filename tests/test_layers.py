@@ -105,14 +105,18 @@ def test_max_pool_with_argmax_ties_go_to_first_maximum():
   np.testing.assert_array_equal(np.asarray(mask).sum(-1), np.ones_like(expected_val))
 
 
+def _pool_input(rng, kind, shape, levels):
+  """Pooling input: 'random' normals, or 'ties': `levels` distinct values, so that most
+  windows contain tied maxima."""
+  if kind == 'random':
+    return rng.normal(size=shape).astype(np.float32)
+  return rng.integers(0, levels, size=shape).astype(np.float32)
+
+
 @pytest.mark.parametrize('kind', ['random', 'ties'])
 def test_max_pool_with_argmax_matches_torch(kind):
   rng = np.random.default_rng(1)
-  if kind == 'random':
-    x = rng.normal(size=(2, 8, 6, 3)).astype(np.float32)
-  else:
-    # Few distinct values: most windows contain tied maxima.
-    x = rng.integers(0, 3, size=(2, 8, 6, 3)).astype(np.float32)
+  x = _pool_input(rng, kind, (2, 8, 6, 3), levels=3)
   pooled, mask = layers.max_pool_with_argmax(jnp.asarray(x))
   t_pooled, t_pos, _ = torch_pool(x)
   np.testing.assert_array_equal(np.asarray(pooled), t_pooled)
@@ -164,10 +168,7 @@ def test_max_unpool_inverts_pool_at_maxima():
 @pytest.mark.parametrize('kind', ['random', 'ties'])
 def test_max_pool_gradient_matches_torch(kind):
   rng = np.random.default_rng(4)
-  if kind == 'random':
-    x = rng.normal(size=(2, 4, 6, 3)).astype(np.float32)
-  else:
-    x = rng.integers(0, 2, size=(2, 4, 6, 3)).astype(np.float32)
+  x = _pool_input(rng, kind, (2, 4, 6, 3), levels=2)
   w = rng.normal(size=(2, 2, 3, 3)).astype(np.float32)
 
   grad = jax.grad(lambda v: jnp.sum(layers.max_pool_with_argmax(v)[0] * w))(jnp.asarray(x))
