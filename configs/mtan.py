@@ -29,11 +29,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.widths = (64, 128, 256, 512, 512)
   c.dtype = 'float32'
   c.task_stacking = 'auto'
+  c.head_hidden = 256
+  c.encoder_init = ''
   # Data.
   c.dataset = 'cityscapes'
   c.data_dir = ''
   c.label_dir = 'label_7'
   c.image_size = (128, 256)
+  c.train_split = 'train'
+  c.val_split = 'val'
+  # Augmentation (the reference's NYUv2 option; off as in the paper).
+  c.augment = False
+  c.augment_scales = (1.0, 1.2, 1.5)
+  c.augment_flip = True
+  # Self-supervised auxiliary targets (used when 'edges' / 'denoising' are in tasks).
+  c.noise_sigma = 2.0
+  c.edge_sigma = 1.0
+  c.edge_low = 0.1
+  c.edge_high = 0.2
   c.synthetic_train_size = 2975
   c.synthetic_val_size = 500
   # Optimisation.
@@ -45,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lr_decay_factor = 0.5
   c.weighting = 'dwa'
   c.dwa_temperature = 2.0
+  c.task_weights = ()
   c.seed = 0
   # Devices and processes (README: "Many devices and many hosts").
   c.fsdp = False

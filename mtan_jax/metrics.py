@@ -45,6 +45,17 @@ HIGHER_IS_BETTER = {
     'within_11_25': True,
     'within_22_5': True,
     'within_30': True,
+    'fg_f1': True,
+    # Image-level tasks (mtan_jax.image_tasks).
+    'acc': True,
+    'mse_px': False,
+    'l2_px': False,
+    'iou': True,
+    # Self-supervised tasks (mtan_jax.auxiliary_tasks).
+    'l1': False,
+    'f1': True,
+    'mse': False,
+    'psnr': True,
 }
 
 
@@ -73,7 +84,7 @@ def _count(mask):
   return jnp.sum(mask, dtype=jnp.float32)
 
 
-def _ratio(numerator, denominator):
+def ratio(numerator, denominator):
   """numerator / denominator as a Python float, NaN when nothing was counted."""
   numerator = float(numerator)
   denominator = float(denominator)
@@ -159,11 +170,15 @@ def semantic_metrics(stats):
   union = confusion.sum(axis=1) + confusion.sum(axis=0) - diag
   present = union > 0
   miou = float(np.mean(diag[present] / union[present])) if present.any() else float('nan')
-  return {
+  out = {
       'miou': miou,
-      'pix_acc': _ratio(diag.sum(), confusion.sum()),
-      'loss': _ratio(stats['loss_sum'], stats['loss_count']),
+      'pix_acc': ratio(diag.sum(), confusion.sum()),
+      'loss': ratio(stats['loss_sum'], stats['loss_count']),
   }
+  if confusion.shape[0] == 2:
+    # Binary segmentation (class 1 = foreground): F1 = Dice = 2 TP / (2 TP + FP + FN).
+    out['fg_f1'] = ratio(2 * diag[1], confusion[1].sum() + confusion[:, 1].sum())
+  return out
 
 
 def depth_stats(pred, target, example_mask=None):
@@ -209,10 +224,10 @@ def depth_metrics(stats):
     'loss', the L1 training loss, which is the same number as 'abs_err'. NaN if no pixel
     was valid.
   """
-  abs_err = _ratio(stats['abs_sum'], stats['count'])
+  abs_err = ratio(stats['abs_sum'], stats['count'])
   return {
       'abs_err': abs_err,
-      'rel_err': _ratio(stats['rel_sum'], stats['count']),
+      'rel_err': ratio(stats['rel_sum'], stats['count']),
       'loss': abs_err,
   }
 
@@ -291,12 +306,12 @@ def normal_metrics(stats):
   else:
     median = float('nan')
   metrics = {
-      'mean': _ratio(stats['angle_sum'], count),
+      'mean': ratio(stats['angle_sum'], count),
       'median': median,
-      'loss': 1.0 - _ratio(stats['dot_sum'], count),
+      'loss': 1.0 - ratio(stats['dot_sum'], count),
   }
   for name, _ in _NORMAL_THRESHOLDS:
-    metrics[f'within_{name}'] = _ratio(stats[f'under_{name}'], count)
+    metrics[f'within_{name}'] = ratio(stats[f'under_{name}'], count)
   return metrics
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from mtan_jax import weighting
 from mtan_jax.errors import ConfigError
 from mtan_jax.models.mtan import MTAN
-from mtan_jax.models.segnet import SegNet
+from mtan_jax.models.segnet import DEFAULT_HEAD_HIDDEN, SegNet
 from mtan_jax.tasks import Task, safe_mean
 
 MODELS = ('mtan', 'segnet')
@@ -61,11 +61,14 @@ def stack_tasks_for(task_stacking: str, backend: str | None = None) -> bool:
 
 def create_model(name: str, tasks: Sequence[Task], widths: Sequence[int], seed: int,
                  dtype: str = 'float32', in_channels: int = 3,
-                 task_stacking: str = 'auto') -> nnx.Module:
-  """Builds 'mtan' (all tasks) or 'segnet' (single-task baseline) with the reference's init.
+                 task_stacking: str = 'auto', image_size: Sequence[int] | None = None,
+                 head_hidden: int = DEFAULT_HEAD_HIDDEN) -> nnx.Module:
+  """Builds 'mtan' (all tasks) or 'segnet' (single-task baseline, or hard-shared multi-task)
+  with the reference's init.
 
   `task_stacking` ('auto', 'stacked', 'loop') picks how MTAN runs its attention path; the
-  two give the same results up to rounding (see `stack_tasks_for`).
+  two give the same results up to rounding (see `stack_tasks_for`). `image_size` (H, W) and
+  `head_hidden` size the heads of image-level tasks.
   """
   if dtype not in DTYPES:
     raise ConfigError(f'unknown config.dtype={dtype!r}; expected one of {", ".join(DTYPES)}')
@@ -75,12 +78,11 @@ def create_model(name: str, tasks: Sequence[Task], widths: Sequence[int], seed: 
   rngs = nnx.Rngs(seed)
   if name == 'mtan':
     return MTAN(tasks, widths, in_channels, rngs=rngs, dtype=DTYPES[dtype],
-                stack_tasks=stack_tasks_for(task_stacking))
+                stack_tasks=stack_tasks_for(task_stacking), image_size=image_size,
+                head_hidden=head_hidden)
   if name == 'segnet':
-    if len(tasks) != 1:
-      raise ConfigError(f'config.model=segnet is single-task but config.tasks has {len(tasks)} '
-                        f'tasks {tuple(t.name for t in tasks)}; give exactly one')
-    return SegNet(tasks[0], widths, in_channels, rngs=rngs, dtype=DTYPES[dtype])
+    return SegNet(tasks, widths, in_channels, rngs=rngs, dtype=DTYPES[dtype],
+                  image_size=image_size, head_hidden=head_hidden)
   raise ConfigError(f'unknown config.model={name!r}; expected one of {", ".join(MODELS)}')
 
 
@@ -113,14 +115,17 @@ class Steps:
   Args:
     model: the NNX model (its arrays are only used to initialise the state).
     tx: the optax optimizer.
-    method: task weighting ('equal', 'dwa', 'uncertainty').
+    method: task weighting ('equal', 'fixed', 'dwa', 'uncertainty').
     dwa_temperature: DWA temperature T.
+    task_weights: the per-task weights of 'fixed'.
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, method: str,
-               dwa_temperature: float = 2.0):
+               dwa_temperature: float = 2.0, task_weights: Sequence[float] = ()):
     self.tasks: tuple[Task, ...] = tuple(model.tasks)
     self.method = weighting.check_method(method)
+    self.task_weights = weighting.check_weights(self.method, task_weights,
+                                                [t.name for t in self.tasks])
     if self.method == 'uncertainty' and not hasattr(model, 'logsigma'):
       raise ConfigError('config.weighting=uncertainty needs a model with per-task log-sigma (mtan)')
     self.tx = tx
@@ -143,7 +148,7 @@ class Steps:
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=batch_stats, opt_state=self.tx.init(params),
-                      weighting=weighting.init_state(len(self.tasks)),
+                      weighting=weighting.init_state(len(self.tasks), self.task_weights),
                       nonfinite_step=jnp.full((), -1, jnp.int32))
 
   def model(self, params, batch_stats, train: bool) -> nnx.Module:

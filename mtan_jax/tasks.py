@@ -9,15 +9,20 @@ instead of naming tasks. Losses follow the MTAN reference (lorenmt/mtan, `im2im_
 
 Losses are computed as (sum, count) so they add up exactly over devices; a batch without a
 single valid pixel gives loss 0 rather than the reference's division by zero.
+
+Image-level tasks (pet species, head bounding box: `mtan_jax.image_tasks`) and the
+self-supervised auxiliary tasks whose targets the input pipeline computes from the image
+(edges, colorization, denoising: `mtan_jax.auxiliary_tasks`) use the same interface.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtan_jax import metrics
 from mtan_jax.errors import ConfigError
@@ -42,6 +47,15 @@ class Task:
   name: str
   target_key: str
   channels: int
+  # Image-level tasks predict one vector per image from the deepest encoder features;
+  # dense tasks predict per pixel from the decoder.
+  image_level: ClassVar[bool] = False
+  # Self-supervised tasks get their targets from the input pipeline, not from the dataset.
+  self_supervised: ClassVar[bool] = False
+
+  def target_spec(self, height: int, width: int) -> tuple[tuple[int, ...], Any]:
+    """Shape and numpy dtype of one example's target at input resolution (height, width)."""
+    return (height, width, self.channels), np.float32
 
   def activate(self, logits: jax.Array) -> jax.Array:
     """Maps the head's raw output to the prediction the loss and metrics use."""
@@ -73,6 +87,9 @@ class Semantic(Task):
   target_key: str = 'label'
   channels: int = 7
 
+  def target_spec(self, height, width):
+    return (height, width), np.int32
+
   def activate(self, logits):
     return jax.nn.log_softmax(logits, axis=-1)
 
@@ -90,7 +107,8 @@ class Semantic(Task):
 
   @property
   def metric_names(self):
-    return ('loss', 'miou', 'pix_acc')
+    # Binary segmentation (pets: pet vs background) also reports the foreground F1 (Dice).
+    return ('loss', 'miou', 'pix_acc') + (('fg_f1',) if self.channels == 2 else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,36 +168,51 @@ class Normal(Task):
     return ('loss', 'mean', 'median', 'within_11_25', 'within_22_5', 'within_30')
 
 
-TASK_TYPES = {'semantic': Semantic, 'depth': Depth, 'normal': Normal}
+def task_types() -> dict[str, type[Task]]:
+  """Every task by config name: dense, image-level and self-supervised."""
+  # Imported here: those modules import `Task` from this one.
+  from mtan_jax import auxiliary_tasks, image_tasks  # pylint: disable=g-import-not-at-top
+  return {'semantic': Semantic, 'depth': Depth, 'normal': Normal,
+          'species': image_tasks.Species, 'bbox': image_tasks.BBox,
+          'edges': auxiliary_tasks.Edges, 'colorization': auxiliary_tasks.Colorization,
+          'denoising': auxiliary_tasks.Denoising}
 
 
-def make_tasks(names: Sequence[str], num_classes: int) -> tuple[Task, ...]:
+def make_tasks(names: Sequence[str], num_classes: int,
+               image_size: Sequence[int] | None = None) -> tuple[Task, ...]:
   """Builds the tasks named in the config.
 
   Args:
     names: task names, e.g. ('semantic', 'depth'); order fixes head and log-sigma order.
     num_classes: number of semantic classes (used by 'semantic').
+    image_size: (height, width) of the model input; 'bbox' needs it (its predictions and
+      targets are in pixels).
 
   Returns:
     A tuple of Task objects.
   """
+  types = task_types()
   # Accept 'semantic,depth' and ('semantic,depth',) too: that is what a command-line override
   # `--config.tasks=semantic,depth` of a tuple field produces.
   if isinstance(names, str):
     names = (names,)
   names = tuple(n.strip() for item in names for n in str(item).split(',') if n.strip())
   if not names:
-    raise ConfigError('config.tasks is empty; expected one or more of ' + ', '.join(TASK_TYPES))
+    raise ConfigError('config.tasks is empty; expected one or more of ' + ', '.join(types))
   if len(set(names)) != len(names):
     raise ConfigError(f'config.tasks={tuple(names)} names a task twice')
   tasks = []
   for name in names:
-    if name not in TASK_TYPES:
-      raise ConfigError(f'unknown task {name!r} in config.tasks; expected one of {", ".join(TASK_TYPES)}')
+    if name not in types:
+      raise ConfigError(f'unknown task {name!r} in config.tasks; expected one of {", ".join(types)}')
     if name == 'semantic':
       if int(num_classes) < 2:
         raise ConfigError(f'config.num_classes={num_classes}; expected at least 2 classes')
       tasks.append(Semantic(channels=int(num_classes)))
+    elif name == 'bbox':
+      if image_size is None:
+        raise ConfigError('the bbox task needs the image size (its boxes are in pixels)')
+      tasks.append(types[name](image_size=tuple(int(s) for s in image_size)))
     else:
-      tasks.append(TASK_TYPES[name]())
+      tasks.append(types[name]())
   return tuple(tasks)

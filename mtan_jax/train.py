@@ -26,7 +26,8 @@ from tqdm import tqdm
 from mtan_jax import metrics, report, sharding
 from mtan_jax.checkpointing import Checkpointer
 from mtan_jax.data import make_sources
-from mtan_jax.data.pipeline import KEY_SPECS, eval_batches, example_shape, train_batches
+from mtan_jax.data.pipeline import (KEY_SPECS, Transforms, eval_batches, example_shape,
+                                    train_batches, transforms_from_config)
 from mtan_jax.distributed import maybe_initialize
 from mtan_jax.errors import ConfigError, NonFiniteLossError
 from mtan_jax.logs import MetricWriter
@@ -48,8 +49,8 @@ def _device_batches(batches: Iterator[dict[str, np.ndarray]], data_sharding, row
   yield from queue
 
 
-def _batch_spec(keys, image_size, size, data_sharding, with_mask=False):
-  shapes = {k: (example_shape(k, *image_size), KEY_SPECS[k][0]) for k in keys}
+def _batch_spec(keys, image_size, size, data_sharding, image_channels, with_mask=False):
+  shapes = {k: (example_shape(k, *image_size, image_channels), KEY_SPECS[k][0]) for k in keys}
   if with_mask:
     shapes['mask'] = ((), np.float32)
   return sharding.batch_spec(shapes, size, data_sharding)
@@ -65,6 +66,8 @@ def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'config.lr={config.lr}; expected > 0')
   if config.dwa_temperature <= 0:
     raise ConfigError(f'config.dwa_temperature={config.dwa_temperature}; expected > 0')
+  if int(config.head_hidden) < 1:
+    raise ConfigError(f'config.head_hidden={config.head_hidden}; expected a positive integer')
   if int(config.fsdp_min_size) < 0:
     raise ConfigError(f'config.fsdp_min_size={config.fsdp_min_size}; expected >= 0')
   for key in ('batch_size', 'eval_batch_size'):
@@ -76,12 +79,13 @@ def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
 _add_stats = jax.jit(metrics.add_stats)
 
 
-def _eval_metrics(eval_step, state: TrainState, source, keys, batch_size, tasks, data_sharding):
+def _eval_metrics(eval_step, state: TrainState, source, keys, batch_size, tasks, data_sharding,
+                  transforms: Transforms, seed: int):
   """Validation metrics over the whole source; sums stay on device until the end."""
   rows = sharding.process_rows(data_sharding, batch_size)
   total = None
-  for batch in _device_batches(eval_batches(source, keys, batch_size, rows), data_sharding, rows,
-                               batch_size):
+  batches = eval_batches(source, keys, batch_size, rows, transforms, seed)
+  for batch in _device_batches(batches, data_sharding, rows, batch_size):
     stats = eval_step(state.params, state.batch_stats, batch)
     total = stats if total is None else _add_stats(total, stats)
   fetched = sharding.to_host(total)
@@ -119,10 +123,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.setLevel(logging.WARNING)
   mesh = sharding.make_mesh()
   _check_config(config, mesh.size)
-  tasks = make_tasks(config.tasks, config.num_classes)
+  tasks = make_tasks(config.tasks, config.num_classes, image_size=tuple(config.image_size))
+  transforms = transforms_from_config(config, [t.name for t in tasks])
   baselines = report.load_baselines(config.single_task_baselines)
-  train_source, val_source = make_sources(config, [t.name for t in tasks])
+  train_source, val_source = make_sources(config, [t.name for t in tasks if not t.self_supervised])
   check_input_size(*train_source.shape)
+  if any(t.image_level for t in tasks) and tuple(train_source.shape) != tuple(config.image_size):
+    raise ConfigError(f'config.image_size={tuple(config.image_size)} but the data is '
+                      f'{train_source.shape}; image-level heads are sized for the data, set '
+                      f'--config.image_size={train_source.shape}')
   keys = ('image',) + tuple(t.target_key for t in tasks)
   batch_size = int(config.batch_size)
   eval_batch_size = int(config.eval_batch_size)
@@ -140,11 +149,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Model, optimizer, shardings and compiled steps --------------------------------------
   def make_model():
     return create_model(config.model, tasks, config.widths, config.seed, config.dtype,
-                        task_stacking=config.task_stacking)
+                        in_channels=transforms.image_channels, task_stacking=config.task_stacking,
+                        image_size=train_source.shape, head_hidden=config.head_hidden)
 
   tx, schedule = make_optimizer(config, steps_per_epoch)
   # The model is only traced here (no arrays): the state is created directly on the devices.
-  steps = Steps(nnx.eval_shape(make_model), tx, config.weighting, config.dwa_temperature)
+  steps = Steps(nnx.eval_shape(make_model), tx, config.weighting, config.dwa_temperature,
+                tuple(config.task_weights))
   state_shapes = jax.eval_shape(lambda: steps.state_from_model(make_model()))
   shardings = sharding.state_shardings(state_shapes, mesh, bool(config.fsdp), int(config.fsdp_min_size))
   if config.fsdp:
@@ -153,8 +164,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_rows = sharding.process_rows(data_sharding, batch_size)
   compiled = sharding.compile_steps(
       steps, state_shapes, shardings,
-      _batch_spec(keys, train_source.shape, batch_size, data_sharding),
-      _batch_spec(keys, val_source.shape, eval_batch_size, data_sharding, with_mask=True), mesh)
+      _batch_spec(keys, train_source.shape, batch_size, data_sharding, transforms.image_channels),
+      _batch_spec(keys, val_source.shape, eval_batch_size, data_sharding, transforms.image_channels,
+                  with_mask=True), mesh)
   log.info('%d device(s) in %d process(es), batch %d per step (%d per device), %s\n%s',
            mesh.size, jax.process_count(), batch_size, batch_size // mesh.size,
            'FSDP-sharded state' if config.fsdp else 'replicated state', compiled.describe())
@@ -181,6 +193,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info('resumed from step %d in %s', int(sharding.to_host(state.step)), checkpointer.directory)
   else:
     state = sharding.init_state(steps, make_model, shardings)
+    if config.encoder_init:
+      from mtan_jax.models.vgg_init import init_encoder_from_vgg16  # pylint: disable=g-import-not-at-top
+      # Replaced leaves keep each parameter's sharding.
+      state = state.replace(params=init_encoder_from_vgg16(state.params, config.encoder_init,
+                                                           transforms.image_channels))
+      log.info('encoder initialised from VGG16 weights in %s', config.encoder_init)
 
   def save(state: TrainState) -> None:
     _check_finite(state, checkpointer)
@@ -198,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bar.set_description(f'epoch {epoch + 1}/{config.num_epochs}')
       start = step - epoch * steps_per_epoch
       batches = train_batches(train_source, keys, batch_size, epoch, config.seed, start_step=start,
-                              rows=train_rows)
+                              rows=train_rows, transforms=transforms)
       t0, n0 = time.perf_counter(), step
       for batch in _device_batches(batches, data_sharding, train_rows, batch_size):
         state, step_metrics = train_step(state, batch)
@@ -221,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                                 for t, v in zip(tasks, epoch_avg)}}
       if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
         record['val'] = _eval_metrics(eval_step, state, val_source, keys, eval_batch_size,
-                                      tasks, data_sharding)
+                                      tasks, data_sharding, transforms, config.seed)
         writer.write(step, record['val'], prefix='val')
         log.info('epoch %d: %s', epoch + 1, json.dumps(record['val']))
         history.append(record)

@@ -4,6 +4,8 @@ All state lives in a small pytree of arrays inside the train state, so switching
 between epochs never recompiles the train step and the state is checkpointed with the rest.
 
 - equal: total = sum_k L_k.
+- fixed: total = sum_k w_k L_k with constant weights from `config.task_weights` (the pet
+  seed's 0.7 / 0.1 / 0.2 for segmentation / species / box).
 - dwa (Liu et al. 2019): lambda_k(t) = K exp(w_k(t-1)/T) / sum_i exp(w_i(t-1)/T) with
   w_k(t-1) = L_k(t-1) / L_k(t-2), L_k(t) the unweighted average training loss of epoch t
   (the mean of the per-step losses, as the reference computes it); lambda = 1 for the first
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 
 from mtan_jax.errors import ConfigError
 
-METHODS = ('equal', 'dwa', 'uncertainty')
+METHODS = ('equal', 'fixed', 'dwa', 'uncertainty')
 
 WeightingState = dict[str, Any]
 
@@ -33,10 +35,27 @@ def check_method(method: str) -> str:
   return method
 
 
-def init_state(num_tasks: int) -> WeightingState:
-  """Fresh weighting state for `num_tasks` tasks."""
+def check_weights(method: str, task_weights, task_names) -> tuple[float, ...] | None:
+  """Validates `config.task_weights` for `method`; returns them for 'fixed', else None."""
+  weights = tuple(float(w) for w in (task_weights or ()))
+  if method != 'fixed':
+    if weights:
+      raise ConfigError(f'config.task_weights={weights} is only used with config.weighting=fixed '
+                        f'(weighting is {method!r}); leave it empty')
+    return None
+  if len(weights) != len(task_names):
+    raise ConfigError(f'config.task_weights={weights} has {len(weights)} weights but config.tasks '
+                      f'has {len(task_names)} tasks {tuple(task_names)}; give one weight per task')
+  if any(not w >= 0 for w in weights) or not any(weights):
+    raise ConfigError(f'config.task_weights={weights}; expected non-negative weights, not all 0')
+  return weights
+
+
+def init_state(num_tasks: int, weights=None) -> WeightingState:
+  """Fresh weighting state for `num_tasks` tasks (`weights`: the fixed weights, or ones)."""
+  initial = jnp.ones((num_tasks,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
   return {
-      'weights': jnp.ones((num_tasks,), jnp.float32),
+      'weights': initial,
       # Running sums of this epoch's unweighted per-step losses.
       'epoch_loss_sum': jnp.zeros((num_tasks,), jnp.float32),
       'epoch_steps': jnp.zeros((), jnp.int32),
@@ -50,7 +69,7 @@ def combine(method: str, losses: jax.Array, state: WeightingState, logsigma: jax
   """Total training loss from the per-task losses (K,)."""
   if method == 'uncertainty':
     return jnp.sum(losses / (2.0 * jnp.exp(logsigma)) + logsigma / 2.0)
-  # equal and dwa: the weights array is all ones for equal.
+  # equal, fixed and dwa: the weights array is all ones for equal, constant for fixed.
   return jnp.sum(jax.lax.stop_gradient(state['weights']) * losses)
 
 

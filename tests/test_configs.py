@@ -40,3 +40,18 @@ def test_readme_documents_every_key():
   keys = set(mtan.get_config('runlocal').keys())
   assert keys - documented == set(), 'undocumented config keys'
   assert documented - keys == set(), 'README documents keys the config does not have'
+
+
+@pytest.mark.parametrize('variant', [None, 'single', 'mtl_segnet', 'mtan', 'mtan_no_class', 'mtan_no_bbox',
+                                     'mtan_colorization', 'mtan_edges', 'mtan_denoising'])
+def test_pets_variants(variant):
+  from configs import pets  # pylint: disable=import-outside-toplevel
+  c = pets.get_config(variant)
+  assert c.dataset == 'pets' and c.num_classes == 2 and c.image_size == (256, 256) and c.batch_size == 5
+  assert c.tasks[0] == 'semantic' and set(c.keys()) == set(mtan.get_config('runlocal').keys())
+  if len(c.tasks) > 1:
+    assert c.weighting == 'fixed' and len(c.task_weights) == len(c.tasks)
+    assert c.task_weights[:2] in ((0.7, 0.1), (0.7, 0.2))
+  assert c.model == ('segnet' if variant in ('single', 'mtl_segnet') else 'mtan')
+  with pytest.raises(ValueError, match='unknown variant'):
+    pets.get_config('resnet')

@@ -181,9 +181,9 @@ def test_create_model_errors():
     create_model('resnet', tasks, TINY_WIDTHS, 0)
   with pytest.raises(ConfigError, match='float16'):
     create_model('mtan', tasks, TINY_WIDTHS, 0, dtype='float16')
-  with pytest.raises(ConfigError, match='single-task') as info:
-    create_model('segnet', tasks, TINY_WIDTHS, 0)
-  assert 'semantic' in str(info.value) and '\n' not in str(info.value)
+  with pytest.raises(ConfigError, match='image size') as info:
+    create_model('segnet', make_tasks(('semantic', 'species'), 2), TINY_WIDTHS, 0)
+  assert 'species' in str(info.value) and '\n' not in str(info.value)
   with pytest.raises(ConfigError, match='widths'):
     create_model('mtan', tasks, (4, 8, 8), 0)
   with pytest.raises(ConfigError, match='at least one task'):
@@ -197,16 +197,17 @@ STACK_WIDTHS = (4, 8, 8, 16, 16)
 STACK_TASKS = ('semantic', 'depth', 'normal')
 
 
-def _stack_pair(num_tasks, dtype=jnp.float32):
+def _stack_pair(num_tasks, dtype=jnp.float32, names=None):
   """Stacked and loop MTANs holding the same perturbed parameters and statistics.
 
   At init every task's BatchNorm holds the same values; perturbing all 1-D arrays (BatchNorm
   affine and running statistics, conv biases) makes a mix-up between tasks visible.
   """
   from mtan_jax.models.mtan import MTAN  # pylint: disable=import-outside-toplevel
-  tasks = make_tasks(STACK_TASKS[:num_tasks], NUM_CLASSES)
-  stacked = MTAN(tasks, STACK_WIDTHS, rngs=nnx.Rngs(0), dtype=dtype)
-  loop = MTAN(tasks, STACK_WIDTHS, rngs=nnx.Rngs(0), dtype=dtype, stack_tasks=False)
+  tasks = make_tasks(names or STACK_TASKS[:num_tasks], NUM_CLASSES, image_size=(32, 64))
+  kwargs = dict(rngs=nnx.Rngs(0), dtype=dtype, image_size=(32, 64), head_hidden=8)
+  stacked = MTAN(tasks, STACK_WIDTHS, **kwargs)
+  loop = MTAN(tasks, STACK_WIDTHS, stack_tasks=False, **kwargs)
   keys = iter(jax.random.split(jax.random.key(42), 10_000))
   perturbed = jax.tree.map(
       lambda v: v + 0.5 * jax.random.uniform(next(keys), v.shape) if v.ndim == 1 and v.size > 3 else v,
@@ -268,6 +269,47 @@ def test_stacked_tasks_equal_per_task_loop(num_tasks):
   # The attention path really is exercised by the gradients of every task's masks.
   for t in range(num_tasks):
     assert np.abs(ref_grads['decoder_att'][t][0]['conv1']['kernel']).max() > 0
+
+
+def test_image_level_tasks_stacked_equal_loop_and_read_the_encoder():
+  # Image-level tasks between dense ones: they stop after the encoder attention, the dense
+  # ones go on through the decoder; both paths must agree, BatchNorm statistics included.
+  names = ('species', 'semantic', 'bbox', 'depth')
+  tasks, stacked, loop = _stack_pair(0, names=names)
+  assert [len(stacked.decoder_att[t]) for t in range(4)] == [0, 5, 0, 5]
+  x = images(2, 32, 64)
+  weights = [jax.random.normal(jax.random.key(t), (2,) + ((task.channels,) if task.image_level
+                                                         else (32, 64, task.channels)))
+             for t, task in enumerate(tasks)]
+  outs, stats, grads, evals = _forward_and_grads(stacked, x, weights)
+  ref_outs, ref_stats, ref_grads, ref_evals = _forward_and_grads(loop, x, weights)
+  assert [o.shape for o in outs] == [(2, 2), (2, 32, 64, NUM_CLASSES), (2, 4), (2, 32, 64, 1)]
+  for a, b in zip(outs + evals, ref_outs + ref_evals):
+    assert _rel(a, b) < 1e-5
+  assert max(jax.tree.leaves(jax.tree.map(_rel, stats, ref_stats))) < 1e-5
+  grad_max = max(np.abs(g).max() for g in jax.tree.leaves(ref_grads))
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max() + 1e-5 * grad_max
+  # Species and box heads learn from the encoder attention of their own task.
+  for t in (0, 2):
+    assert np.abs(ref_grads['encoder_att'][t][4]['conv1']['kernel']).max() > 0
+  # The box prediction lies inside the image (sigmoid scaled by the size).
+  assert np.all((outs[2] >= 0) & (outs[2] <= np.array([32, 64, 32, 64])))
+
+
+def test_image_head_parameter_count_and_multi_task_segnet():
+  # ImageHead on 512 x 8 x 8 features (256x256 input): 32768*256 + 256 + 256*C + C.
+  tasks = make_tasks(('semantic', 'species', 'bbox'), 2, image_size=(256, 256))
+  model = nnx.eval_shape(lambda: create_model('segnet', tasks, FULL_WIDTHS, 0, image_size=(256, 256)))
+  head = lambda c: 512 * 8 * 8 * 256 + 256 + 256 * c + c
+  seg_head = 64 * 64 * 9 + 64 + 64 * 2 + 2
+  assert num_params(model) == 24_980_289 - (64 * 64 * 9 + 64 + 64 + 1) + seg_head + head(2) + head(4)
+  assert [type(h).__name__ for h in model.heads()] == ['PredictionHead', 'ImageHead', 'ImageHead']
+  # MTAN: image-level tasks get encoder masks but no decoder masks.
+  mt = nnx.eval_shape(lambda: create_model('mtan', tasks, FULL_WIDTHS, 0, image_size=(256, 256)))
+  dense = nnx.eval_shape(lambda: create_model('mtan', tasks[:1], FULL_WIDTHS, 0))
+  enc_masks = sum(num_params(m) for m in mt.encoder_att[1])
+  assert num_params(mt) == num_params(dense) + 2 * enc_masks + head(2) + head(4) + 2
 
 
 def test_stacked_tasks_same_structure_and_parameter_count():

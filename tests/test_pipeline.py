@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from mtan_jax.data.pipeline import SyntheticSource, epoch_order, eval_batches, train_batches
-from mtan_jax.errors import DataError
+from mtan_jax.data.pipeline import (SyntheticSource, Transforms, epoch_order, eval_batches, train_batches,
+                                    transforms_from_config)
+from mtan_jax.errors import ConfigError, DataError
 
 KEYS = ('image', 'label', 'depth', 'normal')
 
@@ -89,3 +90,68 @@ def test_each_process_loads_only_its_rows_of_every_batch():
   for full, a, b in zip(ev, *ev_halves):
     np.testing.assert_array_equal(np.concatenate([a['mask'], b['mask']]), full['mask'])
     np.testing.assert_array_equal(np.concatenate([a['image'], b['image']]), full['image'])
+
+
+class TextureSource(ArraySource):
+  """ArraySource with textured images (a bright square per example) and real normals."""
+
+  def __getitem__(self, i):
+    example = dict(super().__getitem__(i))
+    h, w = self.shape
+    image = np.full((h, w, 3), 0.2, np.float32)
+    image[4 + i % 8:20 + i % 8, 6:22] = (0.9, 0.5, 0.1)
+    normal = np.zeros((h, w, 3), np.float32)
+    normal[..., 0] = 0.6
+    normal[..., 2] = 0.8
+    return {**example, 'image': image, 'normal': normal}
+
+
+def test_self_supervised_targets_and_inputs():
+  source = TextureSource(8)
+  keys = ('image', 'label', 'edges', 'ab', 'clean')
+  tr = Transforms(edges=True, colorization=True, denoising=True, noise_sigma=20.0)
+  batch = next(iter(eval_batches(source, keys, 4, transforms=tr)))
+  # The model sees one channel (L of the noisy image); targets come from the clean image.
+  assert batch['image'].shape == (4, 32, 32, 1) and batch['ab'].shape == (4, 32, 32, 2)
+  np.testing.assert_array_equal(batch['clean'][0], source[0]['image'])
+  assert batch['edges'].shape == (4, 32, 32, 1) and set(np.unique(batch['edges'])) == {0.0, 1.0}
+  # Edges lie on the square's outline only (the background is flat).
+  ys, xs = np.nonzero(batch['edges'][0, ..., 0])
+  assert ys.min() >= 2 and ys.max() <= 21 and xs.min() >= 4 and xs.max() <= 23
+  # Noise of std 20/255 on L: the L channel is not the clean one, and is deterministic.
+  again = next(iter(eval_batches(source, keys, 4, transforms=tr)))
+  np.testing.assert_array_equal(batch['image'], again['image'])
+  clean_l = next(iter(eval_batches(source, ('image',), 4, transforms=Transforms(colorization=True))))['image']
+  assert 0.005 < np.abs(batch['image'] - clean_l).mean() < 0.1
+
+
+def test_augmentation_is_per_epoch_deterministic_and_train_only():
+  source = TextureSource(8)
+  keys = ('image', 'depth', 'normal')
+  tr = Transforms(augment=True)
+  a = list(train_batches(source, keys, 4, epoch=0, seed=1, transforms=tr))
+  b = list(train_batches(source, keys, 4, epoch=0, seed=1, transforms=tr))
+  c = list(train_batches(source, keys, 4, epoch=1, seed=1, transforms=tr))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+  plain = list(train_batches(source, keys, 4, epoch=0, seed=1))
+  assert any(not np.array_equal(x['image'], p['image']) for x, p in zip(a, plain))
+  assert any(not np.array_equal(np.sort(x['image'].ravel()), np.sort(y['image'].ravel()))
+             for x, y in zip(a, c))
+  # Depth is divided by the chosen scale; normals keep |x| = 0.6 (negated when flipped).
+  depths = {round(float(v), 5) for v in np.unique(np.concatenate([x['depth'] for x in a]))}
+  assert depths <= {0.1, 0.08333, 0.06667}, depths
+  assert {round(float(v), 5) for v in np.unique(np.concatenate([x['normal'][..., 0] for x in a]))} <= {0.6, -0.6}
+  # Evaluation never augments.
+  ev = next(iter(eval_batches(source, keys, 4, transforms=tr)))
+  np.testing.assert_array_equal(ev['image'][1], source[1]['image'])
+
+
+def test_transform_config_errors():
+  from configs import mtan  # pylint: disable=import-outside-toplevel
+  for key, value, match in [('augment_scales', (0.5,), 'augment_scales'), ('noise_sigma', 0.0, 'noise_sigma'),
+                            ('edge_low', 0.5, 'edge_low'), ('edge_sigma', -1.0, 'edge_sigma')]:
+    config = mtan.get_config('runlocal')
+    config[key] = value
+    with pytest.raises(ConfigError, match=match):
+      transforms_from_config(config, ('semantic',))

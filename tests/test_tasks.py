@@ -166,7 +166,7 @@ def test_make_tasks_num_classes_only_matters_for_semantic():
 
 
 @pytest.mark.parametrize('names, num_classes, match', [
-    (('semantic', 'edges'), 7, 'edges'),
+    (('semantic', 'optical_flow'), 7, 'optical_flow'),
     (('depth', 'depth'), 7, 'depth'),
     ((), 7, 'empty'),
     ('', 7, 'empty'),

@@ -206,3 +206,20 @@ def test_end_epoch_under_jit_with_static_method():
     state, eager = close(state), W.end_epoch('dwa', eager, T)
   chex.assert_trees_all_close(state, eager, rtol=1e-6)
   assert close._cache_size() == 1
+
+
+def test_fixed_weights_are_constant_and_checked():
+  w = W.check_weights('fixed', (0.7, 0.1, 0.2), ('semantic', 'species', 'bbox'))
+  state = W.init_state(3, w)
+  losses = jnp.array([1.0, 2.0, 3.0])
+  assert float(W.combine('fixed', losses, state, jnp.zeros(3))) == pytest.approx(0.7 + 0.2 + 0.6)
+  for _ in range(3):
+    state = W.end_epoch('fixed', W.accumulate(state, losses), 2.0)
+  np.testing.assert_allclose(state['weights'], [0.7, 0.1, 0.2], rtol=1e-6)
+  assert W.check_weights('dwa', (), ('a', 'b')) is None
+  for method, weights, match in [('fixed', (1.0,), 'one weight per task'),
+                                 ('fixed', (1.0, -1.0), 'non-negative'),
+                                 ('fixed', (0.0, 0.0), 'not all 0'),
+                                 ('dwa', (1.0, 2.0), 'only used with config.weighting=fixed')]:
+    with pytest.raises(ConfigError, match=match):
+      W.check_weights(method, weights, ('a', 'b'))

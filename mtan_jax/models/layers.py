@@ -6,6 +6,8 @@ import one to one (see `mtan_jax/torch_import.py`):
 - `ConvLayer`: 3x3 conv (pad 1) -> BatchNorm -> ReLU.
 - `AttentionMask`: 1x1 conv -> BN -> ReLU -> 1x1 conv -> BN -> sigmoid.
 - `PredictionHead`: 3x3 conv (C -> C) -> 1x1 conv (C -> task channels), no BN.
+- `ImageHead` (not in the reference; image-level tasks of the pet seed): flatten the deepest
+  encoder features -> linear -> ReLU -> linear.
 
 and the pooling ops SegNet needs: a 2x2 max-pool that remembers where each maximum was and the
 matching max-unpool, written with reshapes and one-hot masks instead of scatter (XLA fuses
@@ -271,6 +273,24 @@ class PredictionHead(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     # Heads produce float32 so that log-softmax and normalisation are exact.
     y = self.conv2(self.conv1(x))
+    return y.astype(jnp.promote_types(y.dtype, jnp.float32))
+
+
+class ImageHead(nnx.Module):
+  """Image-level prediction from (B, h, w, C) features: flatten -> linear -> ReLU -> linear.
+
+  Flattening (rather than global pooling) keeps where things are, which box regression
+  needs; the seed's heads read the 512 x 8 x 8 deepest encoder features this way.
+  """
+
+  def __init__(self, in_features: int, hidden: int, cout: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = nnx.Linear(in_features, hidden, kernel_init=xavier_normal,
+                          bias_init=jax.nn.initializers.zeros, dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, cout, kernel_init=xavier_normal,
+                          bias_init=jax.nn.initializers.zeros, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = self.fc2(jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1))))
     return y.astype(jnp.promote_types(y.dtype, jnp.float32))
 
 

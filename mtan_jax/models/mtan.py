@@ -10,6 +10,10 @@ weights import one to one; heads are `pred_task1`, `pred_task2`, ... in task ord
 
 By default the attention path runs all tasks in lockstep on task-stacked activations
 (B, T, H, W, C) (see `MTAN`); `stack_tasks=False` keeps the reference's one-task-at-a-time loop.
+
+Image-level tasks (pet species, head box; not in the reference) attend over the encoder
+only: their `ImageHead` reads the task's attended deepest encoder features (after the last
+`encoder_block_att` and pool), and they have no decoder masks (`decoder_att[t]` is empty).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtan_jax.errors import ConfigError
-from mtan_jax.models.layers import (AttentionMask, ConvLayer, PredictionHead, attention_masks,
+from mtan_jax.models.layers import (AttentionMask, ConvLayer, attention_masks,
                                     max_pool, upsample2x_bilinear)
-from mtan_jax.models.segnet import DEFAULT_WIDTHS, NUM_LEVELS, SegNetBackbone, SegNetFeatures
+from mtan_jax.models.segnet import (DEFAULT_HEAD_HIDDEN, DEFAULT_WIDTHS, NUM_LEVELS, SegNetBackbone,
+                                    SegNetFeatures, make_head)
 from mtan_jax.tasks import Task
 
 
@@ -54,11 +59,14 @@ class MTAN(SegNetBackbone):
     rngs: parameter initialisation keys.
     dtype: compute dtype (parameters and BatchNorm statistics stay float32).
     stack_tasks: run the attention path task-stacked (True) or task by task (False).
+    image_size: input (height, width); needed by image-level tasks' heads.
+    head_hidden: hidden width of image-level heads.
   """
 
   def __init__(self, tasks: Sequence[Task], widths: Sequence[int] = DEFAULT_WIDTHS,
                in_channels: int = 3, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               stack_tasks: bool = True):
+               stack_tasks: bool = True, image_size: Sequence[int] | None = None,
+               head_hidden: int = DEFAULT_HEAD_HIDDEN):
     super().__init__(widths, in_channels, rngs=rngs, dtype=dtype)
     if not tasks:
       raise ConfigError('MTAN needs at least one task')
@@ -82,20 +90,26 @@ class MTAN(SegNetBackbone):
     # concatenated with the attention path and gates the level's shared decoder output (dec_out[i]).
     self.decoder_att = nnx.List([
         nnx.List([AttentionMask(f[i] + dec_att_out[i], dec_out[i], dec_out[i], rngs=rngs, dtype=dtype)
-                  for i in range(NUM_LEVELS)])
-        for _ in self.tasks])
+                  for i in range(NUM_LEVELS if not task.image_level else 0)])
+        for task in self.tasks])
     enc_att_out = f[1:] + (f[-1],)
     self.encoder_block_att = nnx.List([ConvLayer(f[j], enc_att_out[j], rngs=rngs, dtype=dtype)
                                        for j in range(NUM_LEVELS)])
     for k, task in enumerate(self.tasks):
-      setattr(self, f'pred_task{k + 1}', PredictionHead(f[0], task.channels, rngs=rngs, dtype=dtype))
+      setattr(self, f'pred_task{k + 1}',
+              make_head(task, f, image_size, head_hidden, rngs=rngs, dtype=dtype))
     self.logsigma = nnx.Param(jnp.full((len(self.tasks),), -0.5, jnp.float32))
 
-  def heads(self) -> list[PredictionHead]:
+  def heads(self) -> list[nnx.Module]:
     return [getattr(self, f'pred_task{k + 1}') for k in range(len(self.tasks))]
 
+  @property
+  def dense_indices(self) -> tuple[int, ...]:
+    """Indices of the tasks that run the decoder attention (all but image-level ones)."""
+    return tuple(t for t, task in enumerate(self.tasks) if not task.image_level)
+
   def __call__(self, x: jax.Array) -> list[jax.Array]:
-    feats = self.features(x)
+    feats = self.features(x, decoder=bool(self.dense_indices))
     if self.stack_tasks:
       return self._attend_stacked(feats)
     return self._attend_per_task(feats)
@@ -109,6 +123,9 @@ class MTAN(SegNetBackbone):
         inp = feats.enc_first[j] if j == 0 else jnp.concatenate([feats.enc_first[j], a], axis=-1)
         a = self.encoder_att[t][j](inp) * feats.enc_last[j]
         a = max_pool(self.encoder_block_att[j](a))
+      if task.image_level:
+        outputs.append(task.activate(head(a)))
+        continue
       for j in range(NUM_LEVELS):
         level = NUM_LEVELS - 1 - j
         a = self.decoder_block_att[level](upsample2x_bilinear(a))
@@ -126,15 +143,23 @@ class MTAN(SegNetBackbone):
                               feats.enc_first[j], a)
       a = masks * feats.enc_last[j][:, None]
       a = _merge_tasks(max_pool, self.encoder_block_att[j](a, per_task=True))
-    for j in range(NUM_LEVELS):
-      level = NUM_LEVELS - 1 - j
-      a = self.decoder_block_att[level](_merge_tasks(upsample2x_bilinear, a), per_task=True)
-      masks = attention_masks([self.decoder_att[t][level] for t in range(num_tasks)],
-                              feats.unpooled[j], a)
-      a = masks * feats.dec_last[j][:, None]
+    encoded = a
+    dense = self.dense_indices
+    if dense:
+      # Only dense tasks continue through the decoder; image-level ones stop at `encoded`.
+      if len(dense) < num_tasks:
+        a = a[:, jnp.asarray(dense)]
+      for j in range(NUM_LEVELS):
+        level = NUM_LEVELS - 1 - j
+        a = self.decoder_block_att[level](_merge_tasks(upsample2x_bilinear, a), per_task=True)
+        masks = attention_masks([self.decoder_att[t][level] for t in dense], feats.unpooled[j], a)
+        a = masks * feats.dec_last[j][:, None]
     # Heads differ in output width per task, so they stay separate.
-    return [task.activate(head(a[:, t]))
-            for t, (task, head) in enumerate(zip(self.tasks, self.heads()))]
+    outputs = []
+    for t, (task, head) in enumerate(zip(self.tasks, self.heads())):
+      source = encoded[:, t] if task.image_level else a[:, dense.index(t)]
+      outputs.append(task.activate(head(source)))
+    return outputs
 
 
 def _merge_tasks(fn: Callable[[jax.Array], jax.Array], a: jax.Array) -> jax.Array:

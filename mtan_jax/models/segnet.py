@@ -3,6 +3,10 @@
 Attribute names follow the PyTorch reference (`encoder_block`, `conv_block_enc`,
 `decoder_block`, `conv_block_dec`, `pred_task`) so that weights import one to one. Each
 `conv_block_*` entry is a list of one or two `ConvLayer`s (two for the three deepest levels).
+
+`SegNet` with several tasks is the paper's hard-sharing baseline (MTL-SegNet in the pet
+seed): the whole network shared, one head per task. Image-level tasks (`Task.image_level`)
+get an `ImageHead` on the deepest pooled encoder features instead of a pixel head.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtan_jax.errors import ConfigError
-from mtan_jax.models.layers import ConvLayer, PredictionHead, max_pool_with_argmax, max_unpool
+from mtan_jax.models.layers import (ConvLayer, ImageHead, PredictionHead, max_pool_with_argmax,
+                                    max_unpool)
 from mtan_jax.tasks import Task
 
 DEFAULT_WIDTHS = (64, 128, 256, 512, 512)
@@ -32,6 +37,7 @@ class SegNetFeatures(NamedTuple):
   enc_last: list[jax.Array]    # per encoder level: output of conv_block_enc[i]
   unpooled: list[jax.Array]    # per decoder step: max-unpooled input of the step
   dec_last: list[jax.Array]    # per decoder step: output of conv_block_dec
+  enc_pooled: jax.Array | None = None  # the deepest encoder level after its max-pool
 
 
 def check_widths(widths: Sequence[int]) -> tuple[int, ...]:
@@ -48,6 +54,24 @@ def check_input_size(height: int, width: int) -> None:
     raise ConfigError(f'image size {height}x{width} is not divisible by {SIZE_MULTIPLE}; '
                       f'SegNet pools {NUM_LEVELS} times by 2, so height and width must be multiples of '
                       f'{SIZE_MULTIPLE} (e.g. 128x256, 288x384)')
+
+
+DEFAULT_HEAD_HIDDEN = 256
+
+
+def make_head(task: Task, widths: Sequence[int], image_size: Sequence[int] | None,
+              head_hidden: int, *, rngs: nnx.Rngs, dtype) -> nnx.Module:
+  """A task's head: `PredictionHead` on decoder features, or `ImageHead` for image-level tasks."""
+  if not task.image_level:
+    return PredictionHead(widths[0], task.channels, rngs=rngs, dtype=dtype)
+  if image_size is None:
+    raise ConfigError(f'task {task.name!r} is image-level: its head needs the input image size')
+  h, w = (int(s) for s in image_size)
+  check_input_size(h, w)
+  if int(head_hidden) < 1:
+    raise ConfigError(f'config.head_hidden={head_hidden}; expected a positive integer')
+  features = widths[-1] * (h // SIZE_MULTIPLE) * (w // SIZE_MULTIPLE)
+  return ImageHead(features, int(head_hidden), task.channels, rngs=rngs, dtype=dtype)
 
 
 def _conv_stack(cin: int, cout: int, n: int, rngs: nnx.Rngs, dtype) -> nnx.List:
@@ -83,8 +107,12 @@ class SegNetBackbone(nnx.Module):
   def out_channels(self) -> int:
     return self.widths[0]
 
-  def features(self, x: jax.Array) -> SegNetFeatures:
-    """Runs the shared network on x (B, H, W, C_in) and returns what the attention branches need."""
+  def features(self, x: jax.Array, decoder: bool = True) -> SegNetFeatures:
+    """Runs the shared network on x (B, H, W, C_in) and returns what the attention branches need.
+
+    `decoder=False` stops after the encoder (only image-level tasks): the decoder lists are
+    then empty.
+    """
     x = x.astype(self.dtype)
     enc_first, enc_last, masks = [], [], []
     for i in range(NUM_LEVELS):
@@ -94,30 +122,46 @@ class SegNetBackbone(nnx.Module):
       enc_last.append(x)
       x, mask = max_pool_with_argmax(x)
       masks.append(mask)
+    enc_pooled = x
     unpooled, dec_last = [], []
-    for j in range(NUM_LEVELS):
+    for j in range(NUM_LEVELS if decoder else 0):
       level = NUM_LEVELS - 1 - j
       x = max_unpool(x, masks[level])
       unpooled.append(x)
       x = _run(self.conv_block_dec[level], self.decoder_block[level](x))
       dec_last.append(x)
-    return SegNetFeatures(enc_first, enc_last, unpooled, dec_last)
+    return SegNetFeatures(enc_first, enc_last, unpooled, dec_last, enc_pooled)
 
 
 class SegNet(SegNetBackbone):
-  """Single-task SegNet: the baseline MTAN's relative improvements are measured against."""
+  """SegNet: single-task (the baseline MTAN is measured against) or hard-shared multi-task.
 
-  def __init__(self, task: Task, widths: Sequence[int] = DEFAULT_WIDTHS, in_channels: int = 3, *,
-               rngs: nnx.Rngs, dtype=jnp.float32):
+  One task keeps the reference's head name `pred_task`; several tasks get `pred_task1`,
+  `pred_task2`, ... as in MTAN. Image-level tasks need `image_size`.
+  """
+
+  def __init__(self, tasks: Task | Sequence[Task], widths: Sequence[int] = DEFAULT_WIDTHS,
+               in_channels: int = 3, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               image_size: Sequence[int] | None = None, head_hidden: int = DEFAULT_HEAD_HIDDEN):
     super().__init__(widths, in_channels, rngs=rngs, dtype=dtype)
-    self.task = task
-    self.pred_task = PredictionHead(self.widths[0], task.channels, rngs=rngs, dtype=dtype)
+    self.tasks = (tasks,) if isinstance(tasks, Task) else tuple(tasks)
+    if not self.tasks:
+      raise ConfigError('SegNet needs at least one task')
+    heads = [make_head(t, self.widths, image_size, head_hidden, rngs=rngs, dtype=dtype)
+             for t in self.tasks]
+    if len(heads) == 1:
+      self.pred_task = heads[0]
+    else:
+      for k, head in enumerate(heads):
+        setattr(self, f'pred_task{k + 1}', head)
 
-  @property
-  def tasks(self) -> tuple[Task, ...]:
-    return (self.task,)
+  def heads(self) -> list[nnx.Module]:
+    if len(self.tasks) == 1:
+      return [self.pred_task]
+    return [getattr(self, f'pred_task{k + 1}') for k in range(len(self.tasks))]
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
-    """Returns a one-element list of predictions (B, H, W, channels), like the multi-task models."""
-    feats = self.features(x)
-    return [self.task.activate(self.pred_task(feats.dec_last[-1]))]
+    """Returns one prediction per task: (B, H, W, channels), or (B, channels) if image-level."""
+    feats = self.features(x, decoder=not all(t.image_level for t in self.tasks))
+    return [task.activate(head(feats.enc_pooled if task.image_level else feats.dec_last[-1]))
+            for task, head in zip(self.tasks, self.heads())]
