@@ -213,14 +213,16 @@ def canny_edges(image: tf.Tensor, sigma: float = 1.0, low: float = 0.1,
 
 
 def _srgb_to_linear(c: tf.Tensor) -> tf.Tensor:
-  # Clamp the power branch's input so values it does not select never produce NaN.
-  power = tf.pow((tf.maximum(c, 0.04045) + 0.055) / 1.055, 2.4)
+  # Clamp the power branch's input so values it does not select never produce NaN. The
+  # base is positive, so x^p = exp(p log x): ~6x faster than tf.pow on CPU (measured in
+  # benchmarks/input_pipeline.py's stage profile, where Lab was half the pets pipeline).
+  power = tf.exp(2.4 * tf.math.log((tf.maximum(c, 0.04045) + 0.055) / 1.055))
   return tf.where(c > 0.04045, power, c / 12.92)
 
 
 def _lab_f(t: tf.Tensor) -> tf.Tensor:
   delta = 6.0 / 29.0
-  cube_root = tf.pow(tf.maximum(t, delta ** 3), 1.0 / 3.0)
+  cube_root = tf.exp(tf.math.log(tf.maximum(t, delta ** 3)) / 3.0)
   return tf.where(t > delta ** 3, cube_root, t / (3.0 * delta * delta) + 4.0 / 29.0)
 
 

@@ -156,14 +156,14 @@ def _transform(example: dict, transforms: Transforms, train: bool, seeds) -> dic
   if transforms.edges:
     example['edges'] = aux_targets.canny_edges(clean, sigma=transforms.edge_sigma,
                                                low=transforms.edge_low, high=transforms.edge_high)
-  if transforms.colorization:
-    example['ab'] = aux_targets.colorization(clean)[1]
   image = clean
   if transforms.denoising:
     example['clean'] = clean
     image = aux_targets.add_gaussian_noise(clean, transforms.noise_sigma, seeds[1])
   if transforms.colorization:
-    image = aux_targets.colorization(image)[0]
+    lightness, example['ab'] = aux_targets.colorization(clean)
+    # One Lab conversion when the input is the clean image; with denoising, L of the noisy one.
+    image = aux_targets.colorization(image)[0] if transforms.denoising else lightness
   example['image'] = tf.cast(image, tf.float32)
   return example
 
