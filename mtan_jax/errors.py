@@ -20,3 +20,8 @@ class DataError(MtanError):
 
 class NonFiniteLossError(MtanError):
   """The training loss became NaN or Inf."""
+
+
+def one_line(text) -> str:
+  """Collapses whitespace, so that a library's message quoted in ours keeps it on one line."""
+  return ' '.join(str(text).split())

@@ -62,7 +62,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from mtan_jax.errors import ConfigError, DataError
+from mtan_jax.data.pipeline import import_tensorflow
+from mtan_jax.errors import ConfigError, DataError, one_line
 
 # --------------------------------------------------------------------------------------
 # The official label table.
@@ -196,11 +197,6 @@ _COLOR_TYPES = {0: 'grayscale', 2: 'RGB', 3: 'palette', 4: 'grayscale+alpha', 6:
 _MAX_LISTED = 12
 
 
-def _one_line(text: str) -> str:
-  """Collapses whitespace so that a library message cannot break the one-line contract."""
-  return ' '.join(str(text).split())
-
-
 def _listing(names: Sequence[str]) -> str:
   """Returns a short one-line list of names for error messages."""
   names = sorted(names)
@@ -230,7 +226,7 @@ def _decode_png(data: bytes, where: str, channels: int, dtype: tf.DType) -> np.n
   try:
     return tf.io.decode_png(data, channels=channels, dtype=dtype).numpy()
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    message = _one_line(e.message).split('[Op:')[0].split('}}')[-1].strip()
+    message = one_line(e.message).split('[Op:')[0].split('}}')[-1].strip()
     raise DataError(f'{where}: cannot decode PNG ({message}), expected a complete, valid PNG '
                     '(file truncated or corrupt?)') from e
 
@@ -279,7 +275,7 @@ class _Package:
       self._zip = zipfile.ZipFile(zip_path)
       members = self._zip.namelist()
     except (zipfile.BadZipFile, OSError) as e:
-      raise DataError(f'{zip_path}: cannot open zip ({_one_line(e)}), expected the official '
+      raise DataError(f'{zip_path}: cannot open zip ({one_line(e)}), expected the official '
                       f'{name}_trainvaltest.zip') from e
     self.location = str(zip_path)
     # Members normally start with '<name>/'; allow a re-zipped copy with extra parent folders.
@@ -336,7 +332,7 @@ class _Package:
         return self._zip.read(f'{self._prefix}{split}/{relative}')
       return (self._folder / split / relative).read_bytes()
     except (OSError, KeyError, zipfile.BadZipFile, EOFError) as e:
-      raise DataError(f'{where}: cannot read file ({_one_line(e)}), expected a readable PNG from '
+      raise DataError(f'{where}: cannot read file ({one_line(e)}), expected a readable PNG from '
                       f'the official {self.name} package') from e
 
 
@@ -571,14 +567,6 @@ def _parse_resolution(resolution: str) -> str:
   return resolution
 
 
-def _hide_gpus_from_tensorflow() -> None:
-  """Keeps TensorFlow's decode/resize ops off the accelerator that JAX uses."""
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:
-    pass  # TensorFlow already initialised its devices; nothing to change then.
-
-
 def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
                     resolution: str = '128x256') -> CityscapesMtan:
   """Builds ``cityscapes_mtan/<resolution>`` in array_record format under `data_dir`.
@@ -599,7 +587,7 @@ def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
   """
   resolution = _parse_resolution(resolution)
   RawCityscapes(manual_dir)  # One-line errors for a missing/empty dir before TFDS starts.
-  _hide_gpus_from_tensorflow()
+  import_tensorflow()  # Keeps decode/resize ops off the accelerator JAX uses.
   builder = CityscapesMtan(config=resolution, data_dir=os.fspath(data_dir),
                            file_format='array_record')
   builder.download_and_prepare(
@@ -667,17 +655,17 @@ class CityscapesTfdsSource:
     self.data_dir = os.fspath(data_dir)
     self._shape = RESOLUTIONS[resolution]
     self._check_prepared()
-    _hide_gpus_from_tensorflow()
+    import_tensorflow()  # Keeps decode/resize ops off the accelerator JAX uses.
     try:
       # download=False: a missing copy must fail here, not start a manual-download build.
       self._source = tfds.data_source(f'cityscapes_mtan/{resolution}', split=split,
                                       data_dir=self.data_dir, download=False)
     except (ValueError, KeyError) as e:
       # The dataset is there (checked above), so this is tfds rejecting the split string.
-      raise ConfigError(f'split {split!r} for {self._version_dir}: {_one_line(e)}; expected '
+      raise ConfigError(f'split {split!r} for {self._version_dir}: {one_line(e)}; expected '
                         f"one of {SPLITS}, optionally sliced like 'train[:90%]'") from e
     except (NotImplementedError, OSError, AssertionError) as e:
-      raise DataError(f'{self._version_dir}: cannot open prepared dataset ({_one_line(e)}), '
+      raise DataError(f'{self._version_dir}: cannot open prepared dataset ({one_line(e)}), '
                       'expected array_record files written by '
                       f'{_prepare_hint(self.data_dir, resolution)}') from e
     self._len = len(self._source)
@@ -702,7 +690,7 @@ class CityscapesTfdsSource:
     try:
       info = json.loads(info_path.read_text())
     except (OSError, ValueError) as e:
-      raise DataError(f'{info_path}: unreadable dataset info ({_one_line(e)}), expected the JSON '
+      raise DataError(f'{info_path}: unreadable dataset info ({one_line(e)}), expected the JSON '
                       'written by TFDS; delete the folder and prepare it again') from e
     # TFDS omits the field for its default format, tfrecord.
     file_format = info.get('fileFormat', 'tfrecord')

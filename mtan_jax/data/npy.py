@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtan_jax.errors import ConfigError, DataError
+from mtan_jax.errors import ConfigError, DataError, one_line
 
 _LAYOUTS = ('cityscapes', 'nyuv2')
 _TASK_KEYS = {'semantic': 'label', 'depth': 'depth', 'normal': 'normal'}
@@ -62,11 +62,6 @@ def _listing(directory: pathlib.Path) -> str:
   if len(names) > _MAX_LISTED:
     shown += f', ... ({len(names)} entries)'
   return shown
-
-
-def _one_line(text: str) -> str:
-  """Collapses whitespace so that a numpy message cannot break the one-line contract."""
-  return ' '.join(text.split())
 
 
 def _first_position(mask: np.ndarray) -> tuple[int, ...]:
@@ -102,10 +97,10 @@ def _read_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:
       data_offset = f.tell()
       file_size = os.fstat(f.fileno()).st_size
   except OSError as e:
-    raise DataError(f'{path}: cannot open file ({_one_line(str(e))}), expected a readable '
+    raise DataError(f'{path}: cannot open file ({one_line(e)}), expected a readable '
                     '.npy file') from e
   except ValueError as e:
-    raise DataError(f'{path}: not a valid .npy file ({_one_line(str(e))}), expected a file '
+    raise DataError(f'{path}: not a valid .npy file ({one_line(e)}), expected a file '
                     'written by np.save') from e
   if dtype.kind not in _NUMERIC_KINDS:
     return shape, dtype
@@ -342,7 +337,7 @@ class NpyDataset:
     try:
       array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-      raise DataError(f'{path}: cannot read {key} data ({_one_line(str(e))}), expected a valid '
+      raise DataError(f'{path}: cannot read {key} data ({one_line(e)}), expected a valid '
                       'numeric .npy file') from e
     if array.dtype.kind == 'f':
       bad = ~np.isfinite(array)

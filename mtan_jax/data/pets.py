@@ -51,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from mtan_jax.errors import ConfigError, DataError
+from mtan_jax.data.pipeline import import_tensorflow
+from mtan_jax.errors import ConfigError, DataError, one_line
 
 DATASET = 'oxford_iiit_pet'
 # Tasks with targets in the dataset, and the self-supervised tasks whose targets are
@@ -71,22 +72,6 @@ _RAW_KEYS = {'semantic': 'segmentation_mask', 'species': 'species', 'bbox': 'hea
 _PREPARE_HINT = ('tfds build oxford_iiit_pet --file_format=array_record --data_dir={d} (or in '
                  "Python: tfds.builder('oxford_iiit_pet', data_dir='{d}', "
                  "file_format='array_record').download_and_prepare())")
-
-
-def _tf():
-  """Imports TensorFlow on first use, hiding GPUs from it so that it leaves them to JAX."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:
-    # TensorFlow was initialised already (by the pipeline, which hides GPUs the same way).
-    pass
-  return tf
-
-
-def _one_line(text: str) -> str:
-  """Collapses whitespace so that a library's message cannot break the one-line contract."""
-  return ' '.join(str(text).split())
 
 
 def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
@@ -150,7 +135,7 @@ def _open_error(data_dir: str | None, split: str, error: Exception) -> Exception
     prepared = builder.is_prepared()
     version_dir = str(builder.data_dir)
   except Exception as e:  # pylint: disable=broad-except
-    return DataError(f'data_dir={shown!r}: cannot open {DATASET} ({_one_line(e)}), expected an '
+    return DataError(f'data_dir={shown!r}: cannot open {DATASET} ({one_line(e)}), expected an '
                      f'array_record copy prepared with: {hint}')
   if not prepared:
     return DataError(f'data_dir={shown!r}: no prepared {DATASET} {builder.version} '
@@ -164,10 +149,10 @@ def _open_error(data_dir: str | None, split: str, error: Exception) -> Exception
                      f'--out_file_format=array_record` (needs apache-beam) or rebuild with: {hint}')
   if isinstance(error, (ValueError, KeyError)):
     splits = ', '.join(sorted(builder.info.splits))
-    reason = _one_line(error).rstrip('.')
+    reason = one_line(error).rstrip('.')
     return ConfigError(f'split {split!r} for {DATASET} under {shown}: {reason}; expected one of '
                        f"{splits}, optionally sliced like 'train[:90%]'")
-  return DataError(f'{version_dir}: cannot open {DATASET} split {split!r} ({_one_line(error)})')
+  return DataError(f'{version_dir}: cannot open {DATASET} split {split!r} ({one_line(error)})')
 
 
 class PetsSource:
@@ -230,7 +215,7 @@ class PetsSource:
   @property
   def raw_signature(self) -> dict[str, Any]:
     """`tf.TensorSpec` per key of what `__getitem__` returns (see the module docstring)."""
-    tf = _tf()
+    tf = import_tensorflow()
     specs = {
         'image': tf.TensorSpec((), tf.string),
         'segmentation_mask': tf.TensorSpec((), tf.string),
@@ -283,7 +268,7 @@ class PetsSource:
       of the resized image, all zeros when the example has no head box (the whole test
       split and a few train images).
     """
-    tf = _tf()
+    tf = import_tensorflow()
     height, width = self._size
     # expand_animations=False: always (h, w, 3), even for the odd GIF/PNG in the files.
     image = tf.io.decode_image(raw['image'], channels=3, expand_animations=False)

@@ -56,9 +56,13 @@ KEY_SPECS = {
 PIPELINE_KEYS = ('edges', 'ab', 'clean')
 
 
-def _tf():
+def import_tensorflow():
+  """Imports TensorFlow on first use, hiding GPUs from it so that it leaves them to JAX."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:
+    pass  # TensorFlow initialised its devices already, with GPUs hidden by an earlier call.
   return tf
 
 
@@ -134,7 +138,7 @@ def _data_error_from(exc: Exception) -> DataError:
 
 def _raw_signature(source, keys: Sequence[str]) -> dict[str, Any]:
   """key -> tf.TensorSpec of what `source[i]` returns for the keys the batches need."""
-  tf = _tf()
+  tf = import_tensorflow()
   signature = getattr(source, 'raw_signature', None)
   if signature is not None:
     return dict(signature)
@@ -145,7 +149,7 @@ def _raw_signature(source, keys: Sequence[str]) -> dict[str, Any]:
 
 def _transform(example: dict, transforms: Transforms, train: bool, seeds) -> dict:
   """Steps 1-3 of the module docstring on one decoded example (TensorFlow ops)."""
-  tf = _tf()
+  tf = import_tensorflow()
   example = dict(example)
   if transforms.edges or transforms.colorization or transforms.denoising:
     from mtan_jax.data import aux_targets  # pylint: disable=g-import-not-at-top
@@ -170,7 +174,7 @@ def _transform(example: dict, transforms: Transforms, train: bool, seeds) -> dic
 
 def _dataset(source, indices: np.ndarray, keys: Sequence[str], batch_size: int, with_mask: bool,
              transforms: Transforms, seed: int, epoch: int | None):
-  tf = _tf()
+  tf = import_tensorflow()
   h, w = source.shape
   n = len(source)
   keys = tuple(keys)
@@ -212,7 +216,7 @@ def _dataset(source, indices: np.ndarray, keys: Sequence[str], batch_size: int, 
 
 
 def _iterate(ds) -> Iterator[dict[str, np.ndarray]]:
-  tf = _tf()
+  tf = import_tensorflow()
   it = ds.as_numpy_iterator()
   while True:
     try:

@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mtan_jax.errors import ConfigError, DataError
+from mtan_jax.errors import ConfigError, DataError, one_line
 
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
 # torchvision `features` indices of the 13 convs, in network order.
@@ -68,11 +68,6 @@ VGG16_CONV_CHANNELS = _conv_channels()
 ENCODER_CONV_PATHS = _encoder_paths()
 
 
-def _one_line(text: Any) -> str:
-  """Collapses whitespace so that a library's message cannot break the one-line contract."""
-  return ' '.join(str(text).split())
-
-
 def _read_pth(path: pathlib.Path) -> dict[str, Any]:
   """Reads a torch.save'd state_dict as {name: numpy array} (tensors only)."""
   try:
@@ -85,7 +80,7 @@ def _read_pth(path: pathlib.Path) -> dict[str, Any]:
     # weights_only: a state_dict needs no arbitrary unpickling, and a hostile file gets none.
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f'{path}: cannot read as a PyTorch state_dict ({_one_line(e)}), expected a '
+    raise DataError(f'{path}: cannot read as a PyTorch state_dict ({one_line(e)}), expected a '
                     "file written by torch.save(model.state_dict()) such as torchvision's "
                     'vgg16-397923af.pth') from e
   if not isinstance(state, dict):
@@ -100,7 +95,7 @@ def _read_npz(path: pathlib.Path) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as data:
       return {name: data[name] for name in data.files}
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f'{path}: cannot read as .npz ({_one_line(e)}), expected np.savez output with '
+    raise DataError(f'{path}: cannot read as .npz ({one_line(e)}), expected np.savez output with '
                     "arrays named 'features.0.weight', ...") from e
 
 
