@@ -52,7 +52,10 @@ def load_baselines(spec: str) -> dict[str, dict[str, float]]:
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
       raise ConfigError(f'{where}: expected {{task: {{metric: value}}}}, got {str(table)[:80]}')
     for task, values in table.items():
-      out.setdefault(task, {}).update({k: float(v) for k, v in values.items()})
+      # Validation losses are logged with the metrics but belong to neither Delta_MTL
+      # convention (and have no better direction in metrics.HIGHER_IS_BETTER).
+      out.setdefault(task, {}).update({k: float(v) for k, v in values.items()
+                                       if k in metrics.HIGHER_IS_BETTER})
   return out
 
 

@@ -42,6 +42,14 @@ def test_load_baselines_from_json_and_files(tmp_path):
   seg.write_text(json.dumps({'val': {'semantic': {'miou': 0.74}}}))
   dep.write_text(json.dumps({'val': {'depth': {'abs_err': 0.0125}}}))
   assert load_baselines(f'{seg},{dep}') == {'semantic': {'miou': 0.74}, 'depth': {'abs_err': 0.0125}}
+  # final_metrics.json of a real run also holds the validation losses; they are not metrics
+  # of Delta_MTL (and used to make the end-of-run report raise a KeyError).
+  full = tmp_path / 'full.json'
+  full.write_text(json.dumps({'val': {'semantic': {'miou': 0.5, 'pix_acc': 0.8, 'loss': 1.2}}}))
+  baselines = load_baselines(str(full))
+  assert baselines == {'semantic': {'miou': 0.5, 'pix_acc': 0.8}}
+  assert summarize(_history(3), last=2, baselines=baselines)['delta_m'] == pytest.approx(
+      metrics.delta_m({'semantic': {'miou': 0.25, 'pix_acc': 0.5}}, baselines))
   with pytest.raises(ConfigError, match='missing.json'):
     load_baselines(str(tmp_path / 'missing.json'))
   with pytest.raises(ConfigError, match='not valid JSON'):
