@@ -1,15 +1,18 @@
 """What the command-line scripts share: absl flag parsing and user errors as one line.
 
-`run(main)` runs an absl program whose `--config` flag is an ml_collections config file;
-bad flags, unknown `--config.KEY` overrides, a missing config file and any `MtanError`
-raised by `main` are printed as a single `error: ...` line with exit status 2.
+`run(main)` runs an absl program (whose `--config` flag, where it has one, is an
+ml_collections config file); bad flags, unknown `--config.KEY` overrides, a missing config
+file and any `MtanError` raised by `main` are printed as a single `error: ...` line with
+exit status 2. A `main` that takes a parameter is given the positional command-line
+arguments.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
 
@@ -37,18 +40,27 @@ def parse_flags(argv):
           'README.md lists every key')
 
 
-def run(main: Callable[[], None]) -> None:
-  """Runs `main()` as an absl program with one-line user errors."""
+def run(main: Callable[[], None] | Callable[[Sequence[str]], None]) -> None:
+  """Runs `main` as an absl program with one-line user errors.
+
+  A `main` that takes a parameter is called with the positional arguments left after flag
+  parsing (without the program name); one that takes none is called without them, and any
+  positional arguments are ignored, as before.
+  """
+  wants_args = bool(inspect.signature(main).parameters)
 
   def wrapped(argv):
-    del argv
     quiet_libraries()
     # ml_collections loads the config file lazily and reports a missing one with a traceback.
-    config_path = flags.FLAGS['config'].serialize().split('=', 1)[-1].split(':', 1)[0]
-    if not os.path.isfile(config_path):
-      _fail(f'config file {config_path} does not exist (e.g. --config configs/mtan.py:runlocal)')
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+      config_path = flags.FLAGS['config'].serialize().split('=', 1)[-1].split(':', 1)[0]
+      if not os.path.isfile(config_path):
+        _fail(f'config file {config_path} does not exist (e.g. --config configs/mtan.py:runlocal)')
     try:
-      main()
+      if wants_args:
+        main(list(argv[1:]))
+      else:
+        main()
     except MtanError as exc:
       _fail(str(exc))
 

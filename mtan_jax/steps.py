@@ -9,6 +9,7 @@ nothing retraces after the first step. This module does not import TensorFlow.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -84,6 +85,12 @@ def create_model(name: str, tasks: Sequence[Task], widths: Sequence[int], seed: 
     return SegNet(tasks, widths, in_channels, rngs=rngs, dtype=DTYPES[dtype],
                   image_size=image_size, head_hidden=head_hidden)
   raise ConfigError(f'unknown config.model={name!r}; expected one of {", ".join(MODELS)}')
+
+
+def count_params(model: nnx.Module) -> int:
+  """Trainable parameters (nnx.Param leaves; BatchNorm statistics excluded), as the reference
+  counts them. Works on abstract models (`nnx.eval_shape`) too."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def lr_schedule(lr: float, steps_per_epoch: int, decay_every_epochs: int,

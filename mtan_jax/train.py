@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mtan_jax import metrics, report, sharding
+from mtan_jax import evaluation, report, runs, sharding
 from mtan_jax.checkpointing import Checkpointer
 from mtan_jax.data import make_sources
 from mtan_jax.data.pipeline import (KEY_SPECS, Transforms, eval_batches, example_shape,
@@ -36,17 +36,6 @@ from mtan_jax.steps import Steps, TrainState, create_model, make_optimizer
 from mtan_jax.tasks import make_tasks
 
 log = logging.getLogger('mtan_jax')
-
-
-def _device_batches(batches: Iterator[dict[str, np.ndarray]], data_sharding, rows: tuple[int, int],
-                    size: int, ahead: int = 2):
-  """Assembles global batches from this process's rows, a few steps ahead of their use."""
-  queue = []
-  for batch in batches:
-    queue.append(sharding.global_batch(batch, data_sharding, rows, size))
-    if len(queue) > ahead:
-      yield queue.pop(0)
-  yield from queue
 
 
 def _batch_spec(keys, image_size, size, data_sharding, image_channels, with_mask=False):
@@ -68,28 +57,14 @@ def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'config.dwa_temperature={config.dwa_temperature}; expected > 0')
   if int(config.head_hidden) < 1:
     raise ConfigError(f'config.head_hidden={config.head_hidden}; expected a positive integer')
+  if int(config.vis_images) < 0:
+    raise ConfigError(f'config.vis_images={config.vis_images}; expected >= 0 (0 turns the grids off)')
   if int(config.fsdp_min_size) < 0:
     raise ConfigError(f'config.fsdp_min_size={config.fsdp_min_size}; expected >= 0')
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] % num_devices:
       raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} devices; '
                         f'the batch is split evenly across devices')
-
-
-_add_stats = jax.jit(metrics.add_stats)
-
-
-def _eval_metrics(eval_step, state: TrainState, source, keys, batch_size, tasks, data_sharding,
-                  transforms: Transforms, seed: int):
-  """Validation metrics over the whole source; sums stay on device until the end."""
-  rows = sharding.process_rows(data_sharding, batch_size)
-  total = None
-  batches = eval_batches(source, keys, batch_size, rows, transforms, seed)
-  for batch in _device_batches(batches, data_sharding, rows, batch_size):
-    stats = eval_step(state.params, state.batch_stats, batch)
-    total = stats if total is None else _add_stats(total, stats)
-  fetched = sharding.to_host(total)
-  return {task.name: task.finalize(fetched[task.name]) for task in tasks}
 
 
 def _check_finite(state: TrainState, checkpointer: Checkpointer) -> None:
@@ -100,6 +75,43 @@ def _check_finite(state: TrainState, checkpointer: Checkpointer) -> None:
         else 'no checkpoint was saved before it'
     raise NonFiniteLossError(f'the training loss became NaN or Inf at step {bad}; stopped, {kept}. '
                              f'Try a lower config.lr or check the data')
+
+
+class _Preview:
+  """Draws the evaluation grid: `config.vis_images` fixed validation images, per task the
+  target and the prediction, into TensorBoard and `<workdir>/images/step_<N>.png`.
+
+  The images are the first ones of the validation set, loaded once. Every process runs the
+  (replicated, jitted) prediction, since parameters may be sharded over all processes;
+  process 0 draws.
+  """
+
+  def __init__(self, config, steps: Steps, shardings, mesh, val_source, keys, transforms, tasks,
+               workdir: str):
+    self.count = min(int(config.vis_images), len(val_source))
+    if self.count <= 0:
+      return
+    from mtan_jax import visualize  # pylint: disable=g-import-not-at-top
+    self.tasks = tasks
+    self.directory = os.path.join(workdir, 'images')
+    self.colors = visualize.palette(config.dataset, int(config.num_classes))
+    batch = next(iter(eval_batches(val_source, keys, self.count, (0, self.count), transforms, config.seed)))
+    self.batch = {k: v for k, v in batch.items() if k != 'mask'}
+    rep = sharding.replicated(mesh)
+    self.images = jax.make_array_from_process_local_data(rep, self.batch['image'])
+    self.predict = jax.jit(steps.predict, in_shardings=(shardings.params, shardings.batch_stats, rep),
+                           out_shardings=rep)
+
+  def draw(self, state: TrainState, step: int, writer: MetricWriter) -> None:
+    if self.count <= 0:
+      return
+    from mtan_jax import visualize  # pylint: disable=g-import-not-at-top
+    preds = sharding.to_host(self.predict(state.params, state.batch_stats, self.images))
+    if jax.process_index() != 0:
+      return
+    picture = visualize.evaluation_grid(self.tasks, self.batch, preds, self.colors)
+    writer.write_image(step, 'val/predictions', picture,
+                       os.path.join(self.directory, f'step_{step:08d}.png'))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -180,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Restore (or initialise) -------------------------------------------------------------
   checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   history: list[dict[str, Any]] = []
+  preview = _Preview(config, steps, shardings, mesh, val_source, keys, transforms, tasks, workdir)
   data_meta = {'seed': int(config.seed), 'batch_size': batch_size, 'steps_per_epoch': steps_per_epoch,
                'num_train': len(train_source)}
   if checkpointer.latest_step() is not None:
@@ -218,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batches = train_batches(train_source, keys, batch_size, epoch, config.seed, start_step=start,
                               rows=train_rows, transforms=transforms)
       t0, n0 = time.perf_counter(), step
-      for batch in _device_batches(batches, data_sharding, train_rows, batch_size):
+      for batch in evaluation.device_batches(batches, data_sharding, train_rows, batch_size):
         state, step_metrics = train_step(state, batch)
         step += 1
         bar.update(batch_size)
@@ -235,18 +248,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           save(state)
       state = end_epoch(state)
       epoch_avg = sharding.to_host(state.weighting['loss_history'][1])
-      record: dict[str, Any] = {'epoch': epoch + 1, 'train': {t.name: {'loss': float(v)}
+      record: dict[str, Any] = {'epoch': epoch + 1, 'step': step, 'train': {t.name: {'loss': float(v)}
                                                                 for t, v in zip(tasks, epoch_avg)}}
       if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-        record['val'] = _eval_metrics(eval_step, state, val_source, keys, eval_batch_size,
-                                      tasks, data_sharding, transforms, config.seed)
+        record['val'] = evaluation.metrics_over(eval_step, state.params, state.batch_stats, val_source,
+                                                keys, eval_batch_size, tasks, data_sharding, transforms,
+                                                config.seed)
         writer.write(step, record['val'], prefix='val')
+        preview.draw(state, step, writer)
         log.info('epoch %d: %s', epoch + 1, json.dumps(record['val']))
         history.append(record)
-      writer.write(step, {**record['train'],
-                          'weights': dict(zip([t.name for t in tasks],
-                                              sharding.to_host(state.weighting['weights']).tolist()))},
-                   prefix='train_epoch')
+        if jax.process_index() == 0:
+          runs.write_json_atomic(os.path.join(workdir, runs.HISTORY_FILE), history)
+      names = [t.name for t in tasks]
+      epoch_scalars = {**record['train'],
+                       'weights': dict(zip(names, sharding.to_host(state.weighting['weights']).tolist()))}
+      if config.weighting == 'uncertainty':
+        # The learned log-variances s_k; the loss weight of task k is 1 / (2 exp(s_k)).
+        epoch_scalars['logsigma'] = dict(zip(names, sharding.to_host(state.params['logsigma'][...]).tolist()))
+      writer.write(step, epoch_scalars, prefix='train_epoch')
       save(state)
   finally:
     bar.close()

@@ -7,7 +7,8 @@ The `.pth` may hold a state_dict (as `torch.save(model.state_dict())` writes), a
 one under 'state_dict' or 'model', or a whole pickled model. The config must describe the
 same model (tasks, num_classes, widths). The result is a step-0 checkpoint in
 `<workdir>/checkpoints`: `scripts/train.py` with the same --workdir and config continues
-training from the imported weights (with a fresh optimizer).
+training from the imported weights (with a fresh optimizer), and scripts/evaluate.py,
+predict.py and export.py read it like any trained run (the config is saved beside it).
 """
 
 import os
@@ -66,6 +67,9 @@ def convert(config, pth: str, workdir: str) -> int:
   state = Steps(model, tx, config.weighting, config.dwa_temperature).init_state()
   checkpointer.save(0, state, {'data': {}, 'history': [], 'imported_from': os.path.abspath(pth)})
   checkpointer.close()
+  # The config makes the workdir self-describing for evaluate.py, predict.py and export.py.
+  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(config.to_json(indent=2))
   return len(state_dict)
 
 

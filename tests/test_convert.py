@@ -11,6 +11,7 @@ torch = pytest.importorskip('torch')
 
 from conftest import REPO, tiny_config  # pylint: disable=g-import-not-at-top
 from mtan_jax.checkpointing import Checkpointer
+from mtan_jax.evaluation import evaluate_run
 from mtan_jax.torch_reference import TorchMTAN
 from mtan_jax.train import train_and_evaluate
 
@@ -34,6 +35,11 @@ def test_convert_then_resume_training(tmp_path):
   kernel = np.asarray(state['params']['encoder_block']['0']['conv']['kernel']['value'])
   np.testing.assert_array_equal(kernel, tm.state_dict()['encoder_block.0.0.weight'].numpy().transpose(2, 3, 1, 0))
   assert meta['imported_from'] == str(pth)
+  # The converted workdir is self-describing: scripts/evaluate.py's code evaluates it as is.
+  result = evaluate_run(str(workdir))
+  assert result['step'] == 0 and result['num_examples'] == 64
+  assert set(result['metrics']) == {'semantic', 'depth', 'normal'}
+  assert all(np.isfinite(v) for task in result['metrics'].values() for v in task.values())
   # Training continues from the imported weights.
   summary = train_and_evaluate(tiny_config(num_epochs=1), str(workdir))
   assert summary['epochs'] == [1]

@@ -14,7 +14,7 @@ from flax import nnx
 
 from mtan_jax.errors import ConfigError
 from mtan_jax.models import segnet
-from mtan_jax.steps import create_model
+from mtan_jax.steps import count_params, create_model
 from mtan_jax.tasks import make_tasks
 
 FULL_WIDTHS = (64, 128, 256, 512, 512)
@@ -24,7 +24,7 @@ NUM_CLASSES = 5
 
 def num_params(model) -> int:
   """Trainable parameter count: nnx.Param leaves only (BatchNorm statistics are BatchStat)."""
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return count_params(model)
 
 
 def abstract_model(name, task_names, num_classes, widths=FULL_WIDTHS):
@@ -295,6 +295,28 @@ def test_image_level_tasks_stacked_equal_loop_and_read_the_encoder():
     assert np.abs(ref_grads['encoder_att'][t][4]['conv1']['kernel']).max() > 0
   # The box prediction lies inside the image (sigmoid scaled by the size).
   assert np.all((outs[2] >= 0) & (outs[2] <= np.array([32, 64, 32, 64])))
+
+
+def test_attention_masks_are_returned_alike_by_both_paths():
+  """`return_attention` (scripts/predict.py's pictures): every layer's masks, stacked and
+  loop paths equal, decoder masks for dense tasks only, predictions unchanged."""
+  names = ('species', 'semantic', 'depth')
+  tasks, stacked, loop = _stack_pair(0, names=names)
+  x = images(2, 32, 64)
+  (outs, masks), (ref_outs, ref_masks) = [
+      nnx.view(m, use_running_average=True)(x, return_attention=True) for m in (stacked, loop)]
+  assert sorted(masks) == sorted(ref_masks) == sorted([f'enc{j}' for j in range(5)] + [f'dec{j}' for j in range(5)])
+  for j in range(5):
+    h, w = 32 >> j, 64 >> j
+    assert masks[f'enc{j}'].shape == (2, 3, h, w, STACK_WIDTHS[j])
+    # Decoder level j gates the shared decoder output of width f[j-1] (f[0] at level 0).
+    assert masks[f'dec{j}'].shape == (2, 2, h, w, STACK_WIDTHS[max(j - 1, 0)])
+  for name in masks:
+    assert _rel(masks[name], ref_masks[name]) < 1e-5, name
+    assert float(masks[name].min()) > 0 and float(masks[name].max()) < 1
+  plain = nnx.view(stacked, use_running_average=True)(x)
+  for a, b in zip(outs, plain):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_image_head_parameter_count_and_multi_task_segnet():

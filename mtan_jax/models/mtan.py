@@ -108,20 +108,34 @@ class MTAN(SegNetBackbone):
     """Indices of the tasks that run the decoder attention (all but image-level ones)."""
     return tuple(t for t, task in enumerate(self.tasks) if not task.image_level)
 
-  def __call__(self, x: jax.Array) -> list[jax.Array]:
-    feats = self.features(x, decoder=bool(self.dense_indices))
-    if self.stack_tasks:
-      return self._attend_stacked(feats)
-    return self._attend_per_task(feats)
+  def __call__(self, x: jax.Array, return_attention: bool = False):
+    """Per-task predictions; with `return_attention`, also the attention masks.
 
-  def _attend_per_task(self, feats: SegNetFeatures) -> list[jax.Array]:
+    The masks come as {'enc{j}': (B, T, H_j, W_j, C_j) for encoder level j = 0..4 (0 is the
+    first, full-resolution layer), 'dec{i}': (B, T_dense, ...) for decoder level i (the
+    level of `decoder_att[t][i]`; dec0 is the last, full-resolution one)}, tasks in
+    `self.tasks` order (decoder masks only for `dense_indices`). They are what MTAN's paper
+    visualises; `scripts/predict.py` draws them.
+    """
+    feats = self.features(x, decoder=bool(self.dense_indices))
+    masks: dict[str, jax.Array] = {}
+    if self.stack_tasks:
+      outputs = self._attend_stacked(feats, masks)
+    else:
+      outputs = self._attend_per_task(feats, masks)
+    return (outputs, masks) if return_attention else outputs
+
+  def _attend_per_task(self, feats: SegNetFeatures, record: dict[str, jax.Array]) -> list[jax.Array]:
     """The attention path and heads one task at a time, in the reference's order."""
     outputs = []
+    per_task: dict[str, list[jax.Array]] = {}
     for t, (task, head) in enumerate(zip(self.tasks, self.heads())):
       a = None
       for j in range(NUM_LEVELS):
         inp = feats.enc_first[j] if j == 0 else jnp.concatenate([feats.enc_first[j], a], axis=-1)
-        a = self.encoder_att[t][j](inp) * feats.enc_last[j]
+        mask = self.encoder_att[t][j](inp)
+        per_task.setdefault(f'enc{j}', []).append(mask)
+        a = mask * feats.enc_last[j]
         a = max_pool(self.encoder_block_att[j](a))
       if task.image_level:
         outputs.append(task.activate(head(a)))
@@ -130,17 +144,20 @@ class MTAN(SegNetBackbone):
         level = NUM_LEVELS - 1 - j
         a = self.decoder_block_att[level](upsample2x_bilinear(a))
         mask = self.decoder_att[t][level](jnp.concatenate([feats.unpooled[j], a], axis=-1))
+        per_task.setdefault(f'dec{level}', []).append(mask)
         a = mask * feats.dec_last[j]
       outputs.append(task.activate(head(a)))
+    record.update({name: jnp.stack(masks, axis=1) for name, masks in per_task.items()})
     return outputs
 
-  def _attend_stacked(self, feats: SegNetFeatures) -> list[jax.Array]:
+  def _attend_stacked(self, feats: SegNetFeatures, record: dict[str, jax.Array]) -> list[jax.Array]:
     """The attention path of all tasks at once on (B, T, H, W, C) activations; heads per task."""
     num_tasks = len(self.tasks)
     a = None  # (B, T, H, W, C) attended features of every task
     for j in range(NUM_LEVELS):
       masks = attention_masks([self.encoder_att[t][j] for t in range(num_tasks)],
                               feats.enc_first[j], a)
+      record[f'enc{j}'] = masks
       a = masks * feats.enc_last[j][:, None]
       a = _merge_tasks(max_pool, self.encoder_block_att[j](a, per_task=True))
     encoded = a
@@ -153,6 +170,7 @@ class MTAN(SegNetBackbone):
         level = NUM_LEVELS - 1 - j
         a = self.decoder_block_att[level](_merge_tasks(upsample2x_bilinear, a), per_task=True)
         masks = attention_masks([self.decoder_att[t][level] for t in dense], feats.unpooled[j], a)
+        record[f'dec{level}'] = masks
         a = masks * feats.dec_last[j][:, None]
     # Heads differ in output width per task, so they stay separate.
     outputs = []
