@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.single_task_baselines = ''
   c.progress_bar = True
   c.tensorboard = True
+  c.vis_images = 4
 
   if arg in (None, '', 'cityscapes'):
     return c

@@ -1,4 +1,5 @@
-"""Run logs in the workdir: JSON lines (`metrics.jsonl`) and TensorBoard event files.
+"""Run logs in the workdir: JSON lines (`metrics.jsonl`), TensorBoard event files (scalars and
+the evaluation grids) and the grids as PNG files.
 
 Only process 0 writes. TensorFlow (for the event files) is imported lazily, on the first
 write, so the model and steps stay importable without it.
@@ -17,7 +18,7 @@ import jax
 def quiet_libraries() -> None:
   """Keeps library chatter (absl, orbax, JAX backend probing) out of the user's terminal."""
   logging.getLogger('mtan_jax').setLevel(logging.INFO)
-  for noisy in ('absl', 'orbax', 'jax._src'):
+  for noisy in ('absl', 'orbax', 'jax._src', 'tensorflow'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -49,15 +50,33 @@ class MetricWriter:
     with open(self.path, 'a', encoding='utf-8') as f:
       f.write(json.dumps({'step': int(step), **flat}) + '\n')
     if self._tb_dir is not None:
-      if self._tb is None:
-        import tensorflow as tf  # pylint: disable=g-import-not-at-top
-        tf.config.set_visible_devices([], 'GPU')
-        self._tb = tf.summary.create_file_writer(self._tb_dir)
-      with self._tb.as_default(step=int(step)):
+      with self._writer().as_default(step=int(step)):
         import tensorflow as tf  # pylint: disable=g-import-not-at-top
         for name, value in flat.items():
           tf.summary.scalar(name, value)
       self._tb.flush()
+
+  def write_image(self, step: int, name: str, image, png_path: str | None = None) -> None:
+    """Writes an (H, W, 3) uint8 picture to TensorBoard (when enabled) and as a PNG file."""
+    if not self.enabled:
+      return
+    from mtan_jax.data.pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
+    tf = import_tensorflow()
+    if png_path is not None:
+      os.makedirs(os.path.dirname(png_path), exist_ok=True)
+      tmp = f'{png_path}.tmp'
+      tf.io.write_file(tmp, tf.io.encode_png(image))
+      os.replace(tmp, png_path)
+    if self._tb_dir is not None:
+      with self._writer().as_default(step=int(step)):
+        tf.summary.image(name, image[None], step=int(step))
+      self._tb.flush()
+
+  def _writer(self):
+    if self._tb is None:
+      from mtan_jax.data.pipeline import import_tensorflow  # pylint: disable=g-import-not-at-top
+      self._tb = import_tensorflow().summary.create_file_writer(self._tb_dir)
+    return self._tb
 
   def close(self) -> None:
     if self._tb is not None:
