@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -173,13 +173,14 @@ def write_outputs(run: LoadedRun, stem: str, image: np.ndarray, preds: Sequence[
   """Writes every picture of one image (see the module docstring); returns the paths."""
   config = run.config
   colors = visualize.palette(config.dataset, int(config.num_classes))
-  shown = run.transforms.image_channels == 1 and image[..., :1] or image
-  base = visualize.to_uint8(shown)
+  # Colourisation models see L / 100; their pictures combine it with the predicted ab.
+  model_input = lightness(image) if run.transforms.image_channels == 1 else image
+  base = visualize.to_uint8(image)
   h, w = base.shape[:2]
   out = os.path.join(output_dir, stem)
   written, panels, raw, summary = [], [('input', base)], {}, {}
   for t, (task, pred) in enumerate(zip(run.tasks, preds)):
-    picture, _ = visualize.task_pictures(task, shown, pred, None, colors)
+    picture, _ = visualize.task_pictures(task, model_input, pred, None, colors)
     if task.name == 'semantic':
       raw['semantic'] = np.argmax(pred, axis=-1).astype(np.int16)
       written.append(_save_png(f'{out}_semantic.png', picture))

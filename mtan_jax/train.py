@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -26,8 +26,8 @@ from tqdm import tqdm
 from mtan_jax import evaluation, report, runs, sharding
 from mtan_jax.checkpointing import Checkpointer
 from mtan_jax.data import make_sources
-from mtan_jax.data.pipeline import (KEY_SPECS, Transforms, eval_batches, example_shape,
-                                    train_batches, transforms_from_config)
+from mtan_jax.data.pipeline import (KEY_SPECS, eval_batches, example_shape, train_batches,
+                                    transforms_from_config)
 from mtan_jax.distributed import maybe_initialize
 from mtan_jax.errors import ConfigError, NonFiniteLossError
 from mtan_jax.logs import MetricWriter
