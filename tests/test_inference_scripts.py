@@ -26,8 +26,10 @@ SIZE = (32, 64)  # tiny_config's image size
 VIS = 2
 
 
-def _script(name, *args, timeout=300):
+def _script(name, *args, timeout=300, devices=None):
   env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '2', 'PYTHONPATH': REPO}
+  if devices:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', name), *map(str, args)],
                         capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
@@ -99,13 +101,18 @@ def test_evaluate_reproduces_the_training_evaluation(run_dir, tmp_path):
   assert evaluate_run(run_dir, step=4)['metrics']['semantic']['miou'] == pytest.approx(
       history[0]['val']['semantic']['miou'], rel=1e-6)
   assert evaluate_run(run_dir, split='train')['num_examples'] == 16
-  # The script: a table and a JSON file.
+  # The script, sharded over 2 (fake CPU) devices: a table and a JSON file, the same numbers.
   out = tmp_path / 'eval.json'
-  result = _script('evaluate.py', f'--workdir={run_dir}', f'--output={out}')
+  result = _script('evaluate.py', f'--workdir={run_dir}', f'--output={out}', devices=2)
   assert result.returncode == 0, result.stderr
   assert 'miou' in result.stdout and 'abs_err' in result.stdout
-  assert json.loads(out.read_text())['metrics']['depth']['abs_err'] == pytest.approx(
-      history[-1]['val']['depth']['abs_err'], rel=1e-6)
+  sharded = json.loads(out.read_text())['metrics']
+  for task in TASKS:
+    for name, value in history[-1]['val'][task].items():
+      assert sharded[task][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, name)
+  # A batch the devices cannot split is one line.
+  assert 'not a positive multiple of the 2 devices' in _one_error_line(
+      _script('evaluate.py', f'--workdir={run_dir}', '--batch_size=3', devices=2))
 
 
 def test_predict_writes_every_picture(run_dir, images_dir, tmp_path):
