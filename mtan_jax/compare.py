@@ -120,7 +120,7 @@ def _images_per_sec(workdir: str) -> float | None:
   return float(np.median(values)) if values else None
 
 
-def load_run(workdir: str, last: int = 10) -> RunResult:
+def read_run(workdir: str, last: int = 10) -> RunResult:
   """Reads a workdir: config, last-`last`-epoch validation means, parameters, images/s.
 
   Raises:
@@ -189,7 +189,7 @@ def _load_all(workdirs: Sequence[str], last: int, what: str) -> list[RunResult]:
     if real in seen:
       raise DataError(f'{what} {workdir} is given twice (also as {seen[real]})')
     seen[real] = workdir
-  return [load_run(w, last) for w in workdirs]
+  return [read_run(w, last) for w in workdirs]
 
 
 def _baseline_values(baseline_runs: Sequence[RunResult], run_tasks: set[str]) -> dict[str, dict[str, float]]:

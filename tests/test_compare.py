@@ -187,7 +187,7 @@ def test_errors_are_one_line_and_name_the_workdir(runs, tmp_path):
   empty = str(tmp_path / 'empty')
   _write_run(empty, tiny_config(), lambda e: {})
   with pytest.raises(DataError) as exc:
-    compare.load_run(empty)
+    compare.read_run(empty)
   _one_line_error(exc, empty, 'no evaluated epoch')
 
   edges = str(tmp_path / 'stl_edges')
