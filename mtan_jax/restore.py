@@ -104,7 +104,8 @@ def load_run(workdir: str, step: int | None = None,
   # The optimizer state's structure (not its values) must match what was saved.
   tx, _ = make_optimizer(config, steps_per_epoch=1)
   steps = Steps(nnx.eval_shape(make_model), tx, config.weighting, config.dwa_temperature,
-                tuple(config.get('task_weights', ())))
+                tuple(config.get('task_weights', ())), config.get('weighting_params', ''),
+                config.get('seed', 0))
   shapes = jax.eval_shape(lambda: steps.state_from_model(make_model()))
   mesh = sharding.make_mesh()
   # Replicated: inference batches are split over devices, and any saved layout restores.

@@ -4,7 +4,10 @@ The NNX model is split once into a static graph definition and array state; the 
 pure functions of arrays (the NNX performance guide's recommendation for hot loops), so one
 `jax.jit` with a donated state serves the whole run. Everything that changes during training
 (task weights, DWA history, learning-rate step, non-finite flag) is an array in the state:
-nothing retraces after the first step. This module does not import TensorFlow.
+nothing retraces after the first step. Gradient-based weighting methods get the per-task
+gradients of the shared parameters from the same step: one forward pass and a backward pass
+vmapped over the T one-hot cotangents (`Steps._gradient_step`). This module does not import
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mtan_jax import weighting
 from mtan_jax.errors import ConfigError
+from mtan_jax.models import baselines
 from mtan_jax.models.mtan import MTAN
+from mtan_jax.models.resnet_mtan import ResNetMTAN
 from mtan_jax.models.segnet import DEFAULT_HEAD_HIDDEN, SegNet
 from mtan_jax.tasks import Task, safe_mean
 
-MODELS = ('mtan', 'segnet')
+# config.model -> what it builds (see create_model).
+MODELS = ('mtan', 'segnet', 'split', 'split_wide', 'split_deep', 'dense', 'cross_stitch',
+          'mtan_resnet50')
 # float64 is for numerical checks (device-count and multi-host equality tests, parity
 # studies): it needs `jax_enable_x64`, which `train_and_evaluate` turns on for it.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
@@ -64,8 +72,13 @@ def create_model(name: str, tasks: Sequence[Task], widths: Sequence[int], seed: 
                  dtype: str = 'float32', in_channels: int = 3,
                  task_stacking: str = 'auto', image_size: Sequence[int] | None = None,
                  head_hidden: int = DEFAULT_HEAD_HIDDEN) -> nnx.Module:
-  """Builds 'mtan' (all tasks) or 'segnet' (single-task baseline, or hard-shared multi-task)
-  with the reference's init.
+  """Builds `name` (one of MODELS) with the reference's init.
+
+  'mtan': SegNet-MTAN; 'segnet': the single-task baseline (with several tasks, hard sharing);
+  'split', 'split_wide', 'split_deep', 'dense', 'cross_stitch': the MTAN paper's multi-task
+  baselines (`mtan_jax.models.baselines`; STAN is 'mtan' with one task); 'mtan_resnet50':
+  MTAN on a dilated ResNet-50 with DeepLabv3 heads (`mtan_jax.models.resnet_mtan`; widths[0]
+  is its base width, head_hidden its ASPP width).
 
   `task_stacking` ('auto', 'stacked', 'loop') picks how MTAN runs its attention path; the
   two give the same results up to rounding (see `stack_tasks_for`). `image_size` (H, W) and
@@ -77,13 +90,21 @@ def create_model(name: str, tasks: Sequence[Task], widths: Sequence[int], seed: 
     raise ConfigError('config.dtype=float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or '
                       'jax.config.update("jax_enable_x64", True) before anything else')
   rngs = nnx.Rngs(seed)
+  common = dict(rngs=rngs, dtype=DTYPES[dtype], image_size=image_size, head_hidden=head_hidden)
   if name == 'mtan':
-    return MTAN(tasks, widths, in_channels, rngs=rngs, dtype=DTYPES[dtype],
-                stack_tasks=stack_tasks_for(task_stacking), image_size=image_size,
-                head_hidden=head_hidden)
+    return MTAN(tasks, widths, in_channels, stack_tasks=stack_tasks_for(task_stacking), **common)
   if name == 'segnet':
-    return SegNet(tasks, widths, in_channels, rngs=rngs, dtype=DTYPES[dtype],
-                  image_size=image_size, head_hidden=head_hidden)
+    return SegNet(tasks, widths, in_channels, **common)
+  if name.startswith('split'):
+    variant = {'split': 'standard', 'split_wide': 'wide', 'split_deep': 'deep'}.get(name)
+    if variant:
+      return baselines.Split(tasks, widths, in_channels, variant=variant, **common)
+  if name == 'dense':
+    return baselines.Dense(tasks, widths, in_channels, **common)
+  if name == 'cross_stitch':
+    return baselines.CrossStitch(tasks, widths, in_channels, **common)
+  if name == 'mtan_resnet50':
+    return ResNetMTAN(tasks, widths, in_channels, **common)
   raise ConfigError(f'unknown config.model={name!r}; expected one of {", ".join(MODELS)}')
 
 
@@ -116,28 +137,59 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
   return optax.adam(schedule), schedule
 
 
+def _first_key(path) -> str:
+  key = path[0]
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def shared_mask(params: Any, task_specific: Sequence[str]) -> list[bool]:
+  """Per leaf of `params` (flatten order): True where the parameter is shared by the tasks.
+
+  A parameter is task-specific when its top-level attribute starts with one of the model's
+  `TASK_SPECIFIC` prefixes (heads, per-task attention, log-sigma): only one task's loss
+  reaches it. Gradient-based weighting methods act on the shared ones.
+  """
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  return [not _first_key(path).startswith(tuple(task_specific)) for path in paths]
+
+
 class Steps:
   """The pure functions a training run jits, bound to one model structure and optimizer.
 
   Args:
     model: the NNX model (its arrays are only used to initialise the state).
     tx: the optax optimizer.
-    method: task weighting ('equal', 'fixed', 'dwa', 'uncertainty').
+    method: task weighting (`mtan_jax.weighting.METHODS`).
     dwa_temperature: DWA temperature T.
     task_weights: the per-task weights of 'fixed'.
+    weighting_params: the method's hyper-parameter overrides (`config.weighting_params`).
+    seed: seeds the methods that draw random numbers (RLW, PCGrad's task order...), folded
+      with the step so a resumed run draws the same numbers.
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, method: str,
-               dwa_temperature: float = 2.0, task_weights: Sequence[float] = ()):
+               dwa_temperature: float = 2.0, task_weights: Sequence[float] = (),
+               weighting_params: Any = None, seed: int = 0):
     self.tasks: tuple[Task, ...] = tuple(model.tasks)
     self.method = weighting.check_method(method)
     self.task_weights = weighting.check_weights(self.method, task_weights,
                                                 [t.name for t in self.tasks])
     if self.method == 'uncertainty' and not hasattr(model, 'logsigma'):
-      raise ConfigError('config.weighting=uncertainty needs a model with per-task log-sigma (mtan)')
+      raise ConfigError(f'config.weighting=uncertainty needs a model with per-task log-sigma; '
+                        f'{type(model).__name__} has none (mtan, split*, dense, cross_stitch and '
+                        f'mtan_resnet50 have it)')
+    self.weighter = weighting.make(self.method, len(self.tasks), weighting_params)
+    self.seed = int(seed)
     self.tx = tx
     self.dwa_temperature = float(dwa_temperature)
     self.graphdef, self._params, self._batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    self.shared = shared_mask(self._params, getattr(model, 'TASK_SPECIFIC', ('pred_task', 'logsigma')))
+    if self.weighter.gradient and not any(self.shared):
+      raise ConfigError(f'config.weighting={self.method} acts on the parameters the tasks share, '
+                        f'and this model has none')
     eval_view = nnx.view(model, use_running_average=True)
     self.eval_graphdef = nnx.split(eval_view, nnx.Param, nnx.BatchStat)[0]
     # FSDP (mtan_jax.sharding): where parameters live sharded, the step gathers them whole
@@ -149,13 +201,19 @@ class Steps:
     """A fresh train state holding the model's initial arrays (a concrete model only)."""
     return self.state_from_model(nnx.merge(self.graphdef, self._params, self._batch_stats))
 
+  def shared_params(self, params) -> list[Any]:
+    """The shared parameters' leaves (flatten order), as the methods see them."""
+    return [leaf for leaf, shared in zip(jax.tree.leaves(params), self.shared) if shared]
+
   def state_from_model(self, model: nnx.Module) -> TrainState:
     """The initial train state of `model`; pure, so it can run under `jax.jit` with output
     shardings and build the state directly on the devices (see `mtan_jax.sharding`)."""
     _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    shared = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in self.shared_params(params)]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=batch_stats, opt_state=self.tx.init(params),
-                      weighting=weighting.init_state(len(self.tasks), self.task_weights),
+                      weighting={**weighting.init_state(len(self.tasks), self.task_weights),
+                                 'method': self.weighter.init_state(shared)},
                       nonfinite_step=jnp.full((), -1, jnp.int32))
 
   def model(self, params, batch_stats, train: bool) -> nnx.Module:
@@ -165,36 +223,88 @@ class Steps:
   def task_losses(self, preds: Sequence[jax.Array], batch) -> jax.Array:
     return jnp.stack([safe_mean(*task.loss(pred, batch)) for task, pred in zip(self.tasks, preds)])
 
+  def _forward(self, params, batch_stats, batch):
+    """Per-task losses (T,) of `batch`, the updated BatchNorm statistics and log-sigma."""
+    # Fresh Variables at this trace level: NNX refuses to mutate (BatchNorm statistics)
+    # Variables that were created by an outer trace.
+    batch_stats = jax.tree.map(lambda x: x, batch_stats)
+    model = self.model(params, batch_stats, train=True)
+    losses = self.task_losses(model(batch['image']), batch)
+    logsigma = model.logsigma[...] if hasattr(model, 'logsigma') else jnp.zeros_like(losses)
+    return losses, nnx.state(model, nnx.BatchStat), logsigma
+
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on `batch` (a dict with 'image' and each task's target)."""
-
-    def loss_fn(params, batch_stats):
-      # Fresh Variables at this trace level: NNX refuses to mutate (BatchNorm statistics)
-      # Variables that were created by an outer trace.
-      batch_stats = jax.tree.map(lambda x: x, batch_stats)
-      model = self.model(params, batch_stats, train=True)
-      preds = model(batch['image'])
-      losses = self.task_losses(preds, batch)
-      logsigma = model.logsigma[...] if hasattr(model, 'logsigma') else jnp.zeros_like(losses)
-      total = weighting.combine(self.method, losses, state.weighting, logsigma)
-      return total, (losses, nnx.state(model, nnx.BatchStat))
-
+    key = jax.random.fold_in(jax.random.key(self.seed), state.step)
     params = state.params
     if self.gathered_params_sharding is not None:
       params = jax.lax.with_sharding_constraint(params, self.gathered_params_sharding)
-    (total, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, state.batch_stats)
+    if self.weighter.gradient:
+      grads, losses, total, batch_stats, method_state, extra = self._gradient_step(
+          params, state, batch, key)
+    else:
+      grads, losses, total, batch_stats, method_state, extra = self._loss_step(
+          params, state, batch, key)
     if self.params_sharding is not None:
       grads = jax.lax.with_sharding_constraint(grads, self.params_sharding)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(losses))
     nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
+    weighting_state = {**weighting.accumulate(state.weighting, losses), 'method': method_state}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state,
-                              weighting=weighting.accumulate(state.weighting, losses),
+                              opt_state=opt_state, weighting=weighting_state,
                               nonfinite_step=nonfinite_step)
-    return new_state, {'loss': total, 'task_losses': losses}
+    return new_state, {'loss': total, 'task_losses': losses, **extra}
+
+  def _loss_step(self, params, state: TrainState, batch, key):
+    """Loss-based methods: one backward pass of the method's total."""
+    weights = state.weighting['weights']
+
+    def loss_fn(params, batch_stats):
+      losses, batch_stats, logsigma = self._forward(params, batch_stats, batch)
+      total, method_state = self.weighter.loss(losses, weights, state.weighting['method'], key, logsigma)
+      return total, (losses, batch_stats, logsigma, jax.lax.stop_gradient(method_state))
+
+    (total, (losses, batch_stats, logsigma, method_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params, state.batch_stats)
+    # The effective task weights d total / d L_t, for the logs (a T-sized side computation).
+    effective = jax.grad(lambda l: self.weighter.loss(l, weights, state.weighting['method'], key,
+                                                      jax.lax.stop_gradient(logsigma))[0])(
+                                                          jax.lax.stop_gradient(losses))
+    return grads, losses, total, batch_stats, method_state, {'task_weights': effective}
+
+  def _gradient_step(self, params, state: TrainState, batch, key):
+    """Gradient-based methods: per-task gradients from one forward pass and a backward pass
+    vmapped over the T one-hot cotangents; the method combines the shared parameters' ones,
+    the task-specific parameters get the sum (each only has its own task's gradient)."""
+
+    def losses_fn(params):
+      losses, batch_stats, _ = self._forward(params, state.batch_stats, batch)
+      return losses, batch_stats
+
+    losses, vjp_fn, batch_stats = jax.vjp(losses_fn, params, has_aux=True)
+    num_tasks = len(self.tasks)
+    (per_task,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
+    if self.params_sharding is not None:
+      # FSDP: keep the T per-task gradients sharded like their parameters (task axis whole),
+      # so that no device holds T whole copies; the Gram sums reduce across devices.
+      per_task = jax.tree.map(
+          lambda g, sh: jax.lax.with_sharding_constraint(
+              g, NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))),
+          per_task, self.params_sharding)
+    leaves, treedef = jax.tree.flatten(per_task)
+    shared = [g for g, is_shared in zip(leaves, self.shared) if is_shared]
+    combined, w, method_state = self.weighter.combine(shared, jax.lax.stop_gradient(losses),
+                                                      state.weighting['method'], key)
+    # Per-task gradient norms over the shared parameters (what the method saw), for the logs.
+    norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(num_tasks, -1).astype(jnp.float32)), axis=1)
+                         for g in shared))
+    combined = iter(combined)
+    grads = jax.tree.unflatten(treedef, [next(combined) if is_shared else g.sum(axis=0)
+                                         for g, is_shared in zip(leaves, self.shared)])
+    total = jnp.sum(losses)
+    return grads, losses, total, batch_stats, method_state, {'task_weights': w, 'grad_norms': norms}
 
   def end_epoch(self, state: TrainState) -> TrainState:
     """Closes an epoch: DWA's loss history and next-epoch weights."""

@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = make_optimizer(config, steps_per_epoch)
   # The model is only traced here (no arrays): the state is created directly on the devices.
   steps = Steps(nnx.eval_shape(make_model), tx, config.weighting, config.dwa_temperature,
-                tuple(config.task_weights))
+                tuple(config.task_weights), config.weighting_params, config.seed)
   state_shapes = jax.eval_shape(lambda: steps.state_from_model(make_model()))
   shardings = sharding.state_shardings(state_shapes, mesh, bool(config.fsdp), int(config.fsdp_min_size))
   if config.fsdp:
@@ -241,6 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           rate = (step - n0) * batch_size / max(time.perf_counter() - t0, 1e-9)
           writer.write(step, {'loss': fetched['loss'],
                               **{f'{t.name}_loss': v for t, v in zip(tasks, fetched['task_losses'])},
+                              # d total / d L_t (loss-based) or the method's combination weights.
+                              **{f'{t.name}_weight': v for t, v in zip(tasks, fetched['task_weights'])},
+                              **{f'{t.name}_grad_norm': v
+                                 for t, v in zip(tasks, fetched.get('grad_norms', ()))},
                               'lr': float(schedule(step - 1)), 'images_per_sec': rate}, prefix='train')
           bar.set_postfix(loss=f'{float(fetched["loss"]):.4f}')
         # A save at the epoch boundary waits for end_epoch (below), so resume never skips it.

@@ -51,6 +51,17 @@ def test_tiny_run_trains_evaluates_and_reports(tmp_path):
   assert again['val'] == summary['val']
 
 
+def test_zoo_architecture_with_a_gradient_method_trains_and_logs_weights(tmp_path):
+  """Cross-stitch + Nash-MTL end to end; the log has each task's weight and gradient norm."""
+  summary = train_and_evaluate(tiny_config(model='cross_stitch', weighting='nash_mtl', num_epochs=1,
+                                           weighting_params='max_norm=2.0', tasks=('semantic', 'depth')),
+                               str(tmp_path))
+  assert all(np.isfinite(v) for task in summary['val'].values() for v in task.values())
+  lines = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  logged = [l for l in lines if 'train/semantic_weight' in l]
+  assert logged and all(l['train/depth_weight'] > 0 and l['train/semantic_grad_norm'] > 0 for l in logged)
+
+
 @pytest.mark.slow
 def test_sigkilled_run_resumes_to_identical_parameters(tmp_path):
   reference, killed = tmp_path / 'reference', tmp_path / 'killed'
@@ -103,6 +114,9 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ({'weighting': 'magic'}, ConfigError, "unknown config.weighting='magic'"),
     ({'dataset': 'imagenet'}, ConfigError, "unknown config.dataset='imagenet'"),
     ({'model': 'unet'}, ConfigError, "unknown config.model='unet'"),
+    ({'weighting': 'cagrad', 'weighting_params': 'c=0.4'}, ConfigError, "cagrad has no hyper-parameter 'c'"),
+    ({'weighting': 'cagrad', 'weighting_params': 'calpha=x'}, ConfigError, "cagrad.calpha='x' is not a number"),
+    ({'model': 'segnet', 'weighting': 'uncertainty'}, ConfigError, 'has none'),
     ({'batch_size': 0}, ConfigError, 'config.batch_size=0'),
     ({'synthetic_train_size': 2}, ConfigError, 'fewer than config.batch_size=4'),
     ({'dataset': 'cityscapes', 'data_dir': ''}, ConfigError, 'needs --config.data_dir'),

@@ -63,6 +63,11 @@ class MTAN(SegNetBackbone):
     head_hidden: hidden width of image-level heads.
   """
 
+  # Parameters only one task's loss reaches (per-task masks, heads, log-sigma). The rest (the
+  # SegNet and the attention convs all tasks run through) is what gradient-based weighting
+  # methods act on (`mtan_jax.steps.shared_mask`).
+  TASK_SPECIFIC = ('encoder_att', 'decoder_att', 'pred_task', 'logsigma')
+
   def __init__(self, tasks: Sequence[Task], widths: Sequence[int] = DEFAULT_WIDTHS,
                in_channels: int = 3, *, rngs: nnx.Rngs, dtype=jnp.float32,
                stack_tasks: bool = True, image_size: Sequence[int] | None = None,

@@ -140,6 +140,9 @@ class SegNet(SegNetBackbone):
   `pred_task2`, ... as in MTAN. Image-level tasks need `image_size`.
   """
 
+  # Only the heads are task-specific: every task's loss reaches the whole SegNet.
+  TASK_SPECIFIC = ('pred_task',)
+
   def __init__(self, tasks: Task | Sequence[Task], widths: Sequence[int] = DEFAULT_WIDTHS,
                in_channels: int = 3, *, rngs: nnx.Rngs, dtype=jnp.float32,
                image_size: Sequence[int] | None = None, head_hidden: int = DEFAULT_HEAD_HIDDEN):

@@ -1,18 +1,15 @@
-"""Task weighting: equal, Dynamic Weight Average (DWA) and uncertainty weighting.
+"""The epoch-level bookkeeping every weighting shares: per-epoch loss averages and DWA.
 
 All state lives in a small pytree of arrays inside the train state, so switching weights
 between epochs never recompiles the train step and the state is checkpointed with the rest.
+Every method accumulates its unweighted per-step losses here (the per-epoch training-loss
+curves come from it); DWA sets next epoch's weights from them, 'fixed' holds its constant
+weights in `weights`, and every other method leaves `weights` at ones.
 
-- equal: total = sum_k L_k.
-- fixed: total = sum_k w_k L_k with constant weights from `config.task_weights` (the pet
-  seed's 0.7 / 0.1 / 0.2 for segmentation / species / box).
-- dwa (Liu et al. 2019): lambda_k(t) = K exp(w_k(t-1)/T) / sum_i exp(w_i(t-1)/T) with
-  w_k(t-1) = L_k(t-1) / L_k(t-2), L_k(t) the unweighted average training loss of epoch t
-  (the mean of the per-step losses, as the reference computes it); lambda = 1 for the first
-  two epochs. total = sum_k lambda_k L_k.
-- uncertainty (Kendall et al. 2018, as in the MTAN reference):
-  total = sum_k L_k / (2 exp(s_k)) + s_k / 2 with learned s_k (the model's `logsigma`,
-  initialised to -0.5). The total may go negative; that is expected.
+
+DWA (Liu et al. 2019): lambda_k(t) = K exp(w_k(t-1)/T) / sum_i exp(w_i(t-1)/T) with
+w_k(t-1) = L_k(t-1) / L_k(t-2), L_k(t) the unweighted average training loss of epoch t (the
+mean of the per-step losses, as the reference computes it); lambda = 1 for the first two epochs.
 """
 
 from __future__ import annotations
@@ -24,15 +21,7 @@ import jax.numpy as jnp
 
 from mtan_jax.errors import ConfigError
 
-METHODS = ('equal', 'fixed', 'dwa', 'uncertainty')
-
 WeightingState = dict[str, Any]
-
-
-def check_method(method: str) -> str:
-  if method not in METHODS:
-    raise ConfigError(f'unknown config.weighting={method!r}; expected one of {", ".join(METHODS)}')
-  return method
 
 
 def check_weights(method: str, task_weights, task_names) -> tuple[float, ...] | None:
@@ -65,14 +54,6 @@ def init_state(num_tasks: int, weights=None) -> WeightingState:
   }
 
 
-def combine(method: str, losses: jax.Array, state: WeightingState, logsigma: jax.Array) -> jax.Array:
-  """Total training loss from the per-task losses (K,)."""
-  if method == 'uncertainty':
-    return jnp.sum(losses / (2.0 * jnp.exp(logsigma)) + logsigma / 2.0)
-  # equal, fixed and dwa: the weights array is all ones for equal, constant for fixed.
-  return jnp.sum(jax.lax.stop_gradient(state['weights']) * losses)
-
-
 def accumulate(state: WeightingState, losses: jax.Array) -> WeightingState:
   """Adds one step's unweighted losses to the epoch averages."""
   return {**state,
@@ -96,6 +77,7 @@ def end_epoch(method: str, state: WeightingState, temperature: float) -> Weighti
   if method == 'dwa':
     weights = jnp.where(epochs_done >= 2, dwa_weights(history, temperature), jnp.ones_like(weights))
   return {
+      **state,  # Keeps the method's own state ('method').
       'weights': weights,
       'epoch_loss_sum': jnp.zeros_like(state['epoch_loss_sum']),
       'epoch_steps': jnp.zeros_like(state['epoch_steps']),
