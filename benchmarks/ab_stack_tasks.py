@@ -30,7 +30,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import optax
 from flax import nnx
 

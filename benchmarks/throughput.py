@@ -13,7 +13,9 @@ Measures images per second of full training steps (forward, backward and Adam up
   the original lorenmt/mtan `SegNet` class wherever that class fits the workload;
 - `torch_compile`: as `torch_eager`, with the forward pass and losses under `torch.compile`;
 - `torch_autocast_bf16`: as `torch_eager`, with the forward pass and losses under
-  `torch.autocast(device_type, dtype=torch.bfloat16)` (float32 parameters, eager Adam).
+  `torch.autocast(device_type, dtype=torch.bfloat16)` (float32 parameters, eager Adam);
+- `mtan_jax+<method>` (with `--methods`): `mtan_jax` with another task weighting method of
+  `mtan_jax.weighting`, its `step_time_ratio_to_equal` the step time over `mtan_jax`'s.
 
 Every (workload, system, batch size) builds a fresh model on one random batch that stays on
 the device, runs one untimed step and `--warmup` more, then `--windows` timed windows of
@@ -68,6 +70,7 @@ sys.path.insert(0, REPO_ROOT)
 
 # pylint: disable=wrong-import-position
 from mtan_jax import steps as mtan_steps
+from mtan_jax import weighting as mtan_weighting
 from mtan_jax.errors import ConfigError
 from mtan_jax.models.segnet import DEFAULT_WIDTHS, check_input_size, check_widths
 from mtan_jax.tasks import make_tasks
@@ -283,14 +286,17 @@ class JaxTrainer:
     workload: model and input shape.
     batch: NHWC numpy batch from `make_batch`.
     dtype: mtan_jax compute dtype ('float32' or 'bfloat16').
+    method: task weighting method (`mtan_jax.weighting.METHODS`, except 'fixed', which
+      needs task weights).
   """
 
   model = 'mtan_jax.models.mtan.MTAN'
 
-  def __init__(self, workload: Workload, batch: dict[str, np.ndarray], dtype: str):
+  def __init__(self, workload: Workload, batch: dict[str, np.ndarray], dtype: str,
+               method: str = 'equal'):
     tasks = make_tasks(workload.tasks, workload.num_classes)
     model = mtan_steps.create_model('mtan', tasks, workload.widths, seed=0, dtype=dtype)
-    steps = mtan_steps.Steps(model, optax.adam(LEARNING_RATE), 'equal')
+    steps = mtan_steps.Steps(model, optax.adam(LEARNING_RATE), method)
     self._state = steps.init_state()
     self._batch = jax.device_put(batch)
     # Compiled ahead of time, as the trainer's jit would on its first call: the executable's
@@ -466,12 +472,14 @@ class System:
     dtype: the compute dtype ('float32' or 'bfloat16'; parameters are float32 in all).
     build: `build(workload, batch, torch_ref)` returning a trainer with `step()`,
       `sync(outputs)`, `memory()`, `release()` and attributes `device` and `model`.
+    weighting: the task weighting method ('equal': the sum of the task losses).
   """
   name: str
   label: str
   framework: str
   dtype: str
   build: Callable[[Workload, dict[str, np.ndarray], str | None], Any]
+  weighting: str = 'equal'
 
 
 # Speed ratios are relative to this system, measured in the same run.
@@ -495,6 +503,21 @@ SYSTEMS = {
                             'mtan_jax bfloat16 compute, float32 params (AOT-compiled)', 'jax',
                             'bfloat16', lambda w, b, ref: JaxTrainer(w, b, 'bfloat16')),
 }
+
+
+# `--methods all`: every weighting method but 'equal' (the mtan_jax row itself) and 'fixed'
+# (which needs task weights, and costs what 'equal' does).
+METHOD_CHOICES = tuple(m for m in mtan_weighting.METHODS if m not in ('equal', 'fixed'))
+# Method rows' step times are relative to this system, measured in the same run.
+METHOD_BASELINE = 'mtan_jax'
+
+
+def method_system(method: str) -> System:
+  """`mtan_jax` (float32) with task weighting `method` instead of equal weighting."""
+  kind = 'gradient-based' if mtan_weighting.is_gradient_method(method) else 'loss-based'
+  return System(f'{METHOD_BASELINE}+{method}',
+                f'mtan_jax float32, {method} weighting ({kind}, AOT-compiled)', 'jax',
+                'float32', lambda w, b, ref: JaxTrainer(w, b, 'float32', method), method)
 
 
 def framework_platform(framework: str) -> str:
@@ -619,12 +642,13 @@ def measure(system: System, workload: Workload, batch_size: int, args: argparse.
     Whatever the system raises other than running out of device memory.
   """
   row = {'workload': workload.name, 'system': system.name, 'label': system.label,
-         'dtype': system.dtype, 'batch_size': batch_size, 'status': 'ok', 'error': None,
+         'dtype': system.dtype, 'weighting': system.weighting, 'batch_size': batch_size,
+         'status': 'ok', 'error': None,
          'model': None, 'device': None, 'images_per_s': None, 'window_images_per_s': None,
          'setup_s': None, 'first_step_s': None, 'tflops': None, 'mfu': None,
          'peak_memory_bytes': None, 'peak_memory_per_image_bytes': None,
          'memory_source': None, 'other_processes_cpu_cores': None,
-         'ratio_to_torch_eager': None, 'largest_fit': False}
+         'ratio_to_torch_eager': None, 'step_time_ratio_to_equal': None, 'largest_fit': False}
   try:
     row.update(_time_training(system, workload, batch_size, args, torch_ref))
   except Exception as e:  # pylint: disable=broad-except
@@ -711,18 +735,29 @@ def _cpu_busy_seconds() -> float | None:
 
 def add_ratios(results: list[dict[str, Any]]) -> None:
   """Sets each row's `ratio_to_torch_eager`: its rate over torch_eager's, same workload and
-  batch size (None where either has no rate)."""
-  base = {(r['workload'], r['batch_size']): r['images_per_s'] for r in results
-          if r['system'] == BASELINE and r['status'] == 'ok'}
+  batch size (None where either has no rate); and each method row's (`mtan_jax+<method>`)
+  `step_time_ratio_to_equal`: mtan_jax's rate over its own, i.e. its step time over equal
+  weighting's (None where either has no rate, and on other rows)."""
+  def rates(system):
+    return {(r['workload'], r['batch_size']): r['images_per_s'] for r in results
+            if r['system'] == system and r['status'] == 'ok'}
+
+  base, equal = rates(BASELINE), rates(METHOD_BASELINE)
   for row in results:
-    ref = base.get((row['workload'], row['batch_size']))
-    row['ratio_to_torch_eager'] = (row['images_per_s'] / ref
-                                   if ref and row['status'] == 'ok' else None)
+    key = (row['workload'], row['batch_size'])
+    ok = row['status'] == 'ok'
+    ref = base.get(key)
+    row['ratio_to_torch_eager'] = row['images_per_s'] / ref if ref and ok else None
+    ref = equal.get(key)
+    is_method_row = row['system'].startswith(METHOD_BASELINE + '+')
+    row['step_time_ratio_to_equal'] = (ref / row['images_per_s']
+                                       if is_method_row and ref and ok else None)
 
 
 def sort_rows(results: list[dict[str, Any]], workloads: Sequence[str]) -> list[dict[str, Any]]:
-  """Rows grouped by workload (in the given order) and batch size, systems in SYSTEMS order."""
-  order = list(SYSTEMS)
+  """Rows grouped by workload (in the given order) and batch size, systems in SYSTEMS order,
+  then the method rows in METHOD_CHOICES order."""
+  order = [*SYSTEMS, *(f'{METHOD_BASELINE}+{m}' for m in METHOD_CHOICES)]
   return sorted(results, key=lambda r: (workloads.index(r['workload']), r['batch_size'],
                                         order.index(r['system']) if r['system'] in order
                                         else len(order)))
@@ -741,6 +776,9 @@ SPEED_GOALS = (('mtan_jax', 'torch_eager', 2.0),
 MFU_GOAL = ('mtan_jax_bf16', 0.40)
 # (system, baseline): peak memory per image no higher than the baseline's, at every batch.
 MEMORY_GOALS = (('mtan_jax', 'torch_eager'), ('mtan_jax_bf16', 'torch_autocast_bf16'))
+# Largest step time of a gradient-based method's row over mtan_jax's (equal weighting) at
+# GOAL_BATCH: the per-task backward passes are vmapped into one step, not run T times.
+METHOD_STEP_TIME_GOAL = 1.5
 CPU_GOAL_NOTE = 'CPU run: goals are defined for one H100'
 
 
@@ -752,7 +790,8 @@ def evaluate_goals(results: Sequence[dict[str, Any]], workloads: Sequence[str],
   mtan_jax_bf16 >= 3.0x torch_eager (float32); mtan_jax_bf16's best MFU >= 40%; at every
   batch size, peak memory per image of mtan_jax <= torch_eager's and of mtan_jax_bf16 <=
   torch_autocast_bf16's. A size at which only the baseline ran out of memory counts as met,
-  one at which only the system did as not met.
+  one at which only the system did as not met. For each gradient-based method with a row
+  (`--methods`): its step time at batch 8 <= 1.5x mtan_jax's (equal weighting).
 
   Args:
     results: rows from `measure` (with ratios not needed).
@@ -763,7 +802,8 @@ def evaluate_goals(results: Sequence[dict[str, Any]], workloads: Sequence[str],
   Returns:
     One dict per goal: `kind` ('speed': images/s ratio; 'mfu'; 'memory': ratio of peak
     memory per image), `workload`, `goal`, `batch_size`, `value`, `target`, `status` ('met',
-    'not met' or 'not measured') and `note`.
+    'not met' or 'not measured') and `note`; 'step_time' goals (value: the method row's
+    step time over mtan_jax's) follow the others, one per gradient-based method measured.
   """
   rows = {(r['workload'], r['system'], r['batch_size']): r for r in results}
   goals = []
@@ -814,6 +854,23 @@ def evaluate_goals(results: Sequence[dict[str, Any]], workloads: Sequence[str],
                                            rows.get((workload, baseline, size)),
                                            system, baseline, size)
         add('memory', workload, goal, size, value, 1.0, met, note)
+
+    # Only the methods this run measured: without --methods there are no such goals.
+    measured = {r['system'] for r in results if r['workload'] == workload}
+    for method in METHOD_CHOICES:
+      system = f'{METHOD_BASELINE}+{method}'
+      if system not in measured or not mtan_weighting.is_gradient_method(method):
+        continue
+      target = METHOD_STEP_TIME_GOAL
+      goal = f'{system} / {METHOD_BASELINE} step time at batch {GOAL_BATCH} <= {target}'
+      note = (missing(workload, system, GOAL_BATCH)
+              or missing(workload, METHOD_BASELINE, GOAL_BATCH))
+      if note:
+        add('step_time', workload, goal, GOAL_BATCH, None, target, None, note)
+        continue
+      value = (rows[workload, METHOD_BASELINE, GOAL_BATCH]['images_per_s']
+               / rows[workload, system, GOAL_BATCH]['images_per_s'])
+      add('step_time', workload, goal, GOAL_BATCH, value, target, value <= target, None)
   return goals
 
 
@@ -970,6 +1027,13 @@ def _name_list(choices: Sequence[str], what: str) -> Callable[[str], tuple[str, 
   return parse
 
 
+def _methods(text: str) -> tuple[str, ...]:
+  """'all' -> METHOD_CHOICES; else a comma list of them (duplicates dropped)."""
+  if text.strip() == 'all':
+    return METHOD_CHOICES
+  return _name_list(METHOD_CHOICES, 'method')(text)
+
+
 def _positive_int(text: str) -> int:
   value = int(text)
   if value < 1:
@@ -982,7 +1046,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Workload]]
 
   Returns:
     (args, workloads). `args.batch_sizes` is the tuple of listed sizes and `args.search_max`
-    whether `max` was given; `args.systems` is a tuple of SYSTEMS keys.
+    whether `max` was given; `args.systems` is a tuple of SYSTEMS keys, with mtan_jax added
+    when `args.methods` (a tuple of METHOD_CHOICES) is not empty.
   """
   parser = argparse.ArgumentParser(
       description='Training throughput (forward + backward + Adam) and peak memory of mtan_jax '
@@ -995,6 +1060,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Workload]]
   parser.add_argument('--systems', type=_name_list(list(SYSTEMS), 'system'),
                       default=tuple(SYSTEMS),
                       help=f'comma list of {", ".join(SYSTEMS)} (default: all)')
+  parser.add_argument('--methods', type=_methods, default=(),
+                      help='comma list of task weighting methods, each measured as one more '
+                           'system mtan_jax+<method> (float32) next to mtan_jax (added to '
+                           f'--systems if missing), or all: {", ".join(METHOD_CHOICES)} '
+                           '(default: none)')
   parser.add_argument('--widths', type=_int_list,
                       help='override the five SegNet widths of every workload, e.g. '
                            '64,128,256,512,512')
@@ -1028,6 +1098,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Workload]]
   args = parser.parse_args(argv)
 
   args.batch_sizes, args.search_max = args.batch_sizes
+  if args.methods and METHOD_BASELINE not in args.systems:
+    # Each method row's step time is relative to equal weighting's, measured in this run.
+    args.systems = (*args.systems, METHOD_BASELINE)
   workloads = []
   try:
     widths = check_widths(args.widths) if args.widths else None
@@ -1074,8 +1147,9 @@ def _status(row: dict[str, Any], searches: dict[tuple[str, str], dict[str, Any]]
 def format_table(results: list[dict[str, Any]],
                  searches: dict[tuple[str, str], dict[str, Any]] | None = None) -> str:
   """The results as one Markdown table, rows as given (see `sort_rows`)."""
-  header = ('workload', 'batch', 'system', 'status', 'images/s', 'vs torch eager', 'TFLOP/s',
-            'MFU', 'peak memory', 'memory / image', 'other processes (CPU cores)')
+  header = ('workload', 'batch', 'system', 'status', 'images/s', 'vs torch eager',
+            'step time vs equal', 'TFLOP/s', 'MFU', 'peak memory', 'memory / image',
+            'other processes (CPU cores)')
   rows = [header, ('---',) * len(header)]
 
   def fmt(value, spec, scale=1.0, suffix=''):
@@ -1084,6 +1158,7 @@ def format_table(results: list[dict[str, Any]],
   for r in results:
     rows.append((r['workload'], str(r['batch_size']), r['system'], _status(r, searches or {}),
                  fmt(r['images_per_s'], '.3g'), fmt(r['ratio_to_torch_eager'], '.2f', suffix='x'),
+                 fmt(r.get('step_time_ratio_to_equal'), '.2f', suffix='x'),
                  fmt(r['tflops'], '.3g'), fmt(r['mfu'], '.3g', 100, '%'),
                  _format_bytes(r['peak_memory_bytes']),
                  _format_bytes(r['peak_memory_per_image_bytes']),
@@ -1176,7 +1251,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (the measured bf16 matmul rate) and `mfu_denominator_tflops` / `mfu_denominator_source`;
     `results`, one row per (workload, system, batch size) with status ('ok' or 'oom'), error
     (on 'oom'), dtype, images_per_s (median over windows), window_images_per_s,
-    ratio_to_torch_eager (same workload and batch), tflops, mfu, peak_memory_bytes (XLA's
+    ratio_to_torch_eager (same workload and batch), weighting (the task weighting method),
+    step_time_ratio_to_equal (method rows: step time over mtan_jax's, same workload and
+    batch), tflops, mfu, peak_memory_bytes (XLA's
     memory analysis for JAX, torch.cuda.max_memory_allocated on GPU for PyTorch, else None),
     peak_memory_per_image_bytes, memory_source, for JAX also memory_analysis and
     device_peak_bytes_in_use, largest_fit (the largest size that fit in a max search),
@@ -1194,6 +1271,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
   systems = [s for s in SYSTEMS.values() if s.name in args.systems]
+  systems += [method_system(m) for m in args.methods]
   if any(s.framework == 'torch' for s in systems):
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(_cpu_count())
@@ -1246,6 +1324,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    'max_batch': args.max_batch, 'windows': args.windows,
                    'iters_per_window': args.iters, 'warmup': args.warmup,
                    'learning_rate': LEARNING_RATE, 'weighting': 'equal',
+                   'methods': list(args.methods),
                    'platforms': platforms},
       'matmul': matmul,
       'mfu_denominator_tflops': mfu_tflops,

@@ -434,3 +434,99 @@ def test_goals_on_cpu_are_not_measured(throughput):
   assert all(g['note'].startswith('CPU run: goals are defined for one H100') for g in goals)
   # The values are still there, for information.
   assert goals[0]['value'] == pytest.approx(2.5)
+
+
+# ----------------------------------------------------------------------------------------
+# Weighting methods (--methods)
+# ----------------------------------------------------------------------------------------
+
+def test_methods_all_and_names(throughput):
+  assert throughput.parse_args([])[0].methods == ()
+  args, _ = throughput.parse_args(['--systems', 'torch_eager', '--methods', 'all'])
+  assert args.methods == throughput.METHOD_CHOICES
+  assert 'equal' not in args.methods and 'fixed' not in args.methods
+  assert {'pcgrad', 'mgda', 'dwa', 'db_mtl'} <= set(args.methods)
+  # The method rows' step times are relative to mtan_jax's, so it is measured too.
+  assert args.systems == ('torch_eager', 'mtan_jax')
+  args, _ = throughput.parse_args(['--systems', 'mtan_jax', '--methods', 'pcgrad, dwa,pcgrad'])
+  assert args.methods == ('pcgrad', 'dwa') and args.systems == ('mtan_jax',)
+
+
+@pytest.mark.parametrize('methods, message', [
+    ('pcgrad,sgd', 'unknown method sgd'),
+    # fixed needs task weights; equal is mtan_jax itself.
+    ('fixed', 'unknown method fixed'),
+    ('equal', 'unknown method equal'),
+    (',', 'unknown method'),
+])
+def test_bad_methods_exit_with_message(throughput, capsys, methods, message):
+  with pytest.raises(SystemExit):
+    throughput.parse_args(['--methods', methods])
+  assert message in capsys.readouterr().err
+
+
+def test_step_time_ratio_and_goal_of_method_rows(throughput):
+  rows = [goal_row('mtan_jax', 8, 100.0), goal_row('mtan_jax+pcgrad', 8, 80.0),
+          goal_row('mtan_jax+mgda', 8, 50.0), goal_row('mtan_jax+dwa', 8, 100.0),
+          goal_row('mtan_jax+cagrad', 8, status='oom'), goal_row('mtan_jax+pcgrad', 2, 40.0)]
+  throughput.add_ratios(rows)
+  ratios = {(r['system'], r['batch_size']): r['step_time_ratio_to_equal'] for r in rows}
+  assert ratios == {('mtan_jax', 8): None, ('mtan_jax+pcgrad', 8): pytest.approx(1.25),
+                    ('mtan_jax+mgda', 8): pytest.approx(2.0), ('mtan_jax+dwa', 8): 1.0,
+                    ('mtan_jax+cagrad', 8): None, ('mtan_jax+pcgrad', 2): None}
+  ordered = [r['system'] for r in throughput.sort_rows(rows, ['cityscapes'])]
+  assert ordered[0] == 'mtan_jax+pcgrad'  # batch 2 first
+  # Method rows follow mtan_jax, in METHOD_CHOICES order.
+  assert ordered[1:] == ['mtan_jax', 'mtan_jax+dwa', 'mtan_jax+mgda', 'mtan_jax+pcgrad',
+                         'mtan_jax+cagrad']
+  table = throughput.format_table([
+      {'largest_fit': False, 'tflops': None, 'peak_memory_bytes': None,
+       'other_processes_cpu_cores': None, **r} for r in rows])
+  assert '| cityscapes | 8 | mtan_jax+mgda | ok | 50 | n/a | 2.00x |' in table
+
+  step = lambda m: f'mtan_jax+{m} / mtan_jax step time at batch 8 <= 1.5'
+  goals = goals_by_name(throughput.evaluate_goals(rows, ['cityscapes']))
+  assert goals['cityscapes', step('pcgrad'), 8]['status'] == 'met'
+  assert goals['cityscapes', step('mgda'), 8]['status'] == 'not met'
+  assert goals['cityscapes', step('mgda'), 8]['value'] == pytest.approx(2.0)
+  assert goals['cityscapes', step('cagrad'), 8]['status'] == 'not measured'
+  # Loss-based methods have no step-time goal; without method rows there is none at all.
+  assert not any('dwa' in g for _, g, _ in goals)
+  assert not any(g['kind'] == 'step_time'
+                 for g in throughput.evaluate_goals(GOAL_ROWS, ['cityscapes']))
+  # On CPU the ratio is reported, not judged.
+  cpu = goals_by_name(throughput.evaluate_goals(rows, ['cityscapes'], throughput.CPU_GOAL_NOTE))
+  assert cpu['cityscapes', step('mgda'), 8]['status'] == 'not measured'
+  assert cpu['cityscapes', step('mgda'), 8]['value'] == pytest.approx(2.0)
+
+
+def test_main_measures_a_method_row_next_to_equal_weighting(tmp_path):
+  out = tmp_path / 'result.json'
+  argv = ['--workload', 'tiny', '--widths', '4,8,8,8,8', '--height', '32', '--width', '64',
+          '--systems', 'mtan_jax', '--methods', 'pcgrad', '--batch-sizes', '2', '--windows',
+          '1', '--iters', '1', '--warmup', '0', '--matmul-size', '128', '--out', str(out)]
+  driver = ('import runpy\n'
+            f'runpy.run_path({str(SCRIPT)!r})["main"]({argv!r})\n')
+  # As in the test above: unoptimised XLA compiles faster, and speed is not checked.
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
+  proc = subprocess.run([sys.executable, '-c', driver], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=400, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| tiny | 2 | mtan_jax+pcgrad | ok |' in proc.stdout
+  assert 'step time vs equal' in proc.stdout
+
+  report = json.loads(out.read_text())
+  rows = {r['system']: r for r in report['results']}
+  assert list(rows) == ['mtan_jax', 'mtan_jax+pcgrad']
+  assert report['settings']['methods'] == ['pcgrad']
+  method = rows['mtan_jax+pcgrad']
+  assert method['status'] == 'ok' and method['weighting'] == 'pcgrad'
+  assert rows['mtan_jax']['weighting'] == 'equal'
+  assert rows['mtan_jax']['step_time_ratio_to_equal'] is None
+  assert method['step_time_ratio_to_equal'] == pytest.approx(
+      rows['mtan_jax']['images_per_s'] / method['images_per_s'])
+  assert method['peak_memory_bytes'] > 0
+  step_goals = [g for g in report['goals'] if g['kind'] == 'step_time']
+  assert [g['goal'] for g in step_goals] == [
+      'mtan_jax+pcgrad / mtan_jax step time at batch 8 <= 1.5']
+  assert step_goals[0]['status'] == 'not measured'
