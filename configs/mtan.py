@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dwa_temperature = 2.0
   c.task_weights = ()
   c.weighting_params = ''
+  c.per_task_grads = 'vmap'
   c.seed = 0
   # Devices and processes (README: "Many devices and many hosts").
   c.fsdp = False

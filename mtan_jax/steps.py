@@ -51,6 +51,7 @@ class TrainState:
 
 
 TASK_STACKING = ('auto', 'stacked', 'loop')
+PER_TASK_GRADS = ('vmap', 'sequential')
 
 
 def stack_tasks_for(task_stacking: str, backend: str | None = None) -> bool:
@@ -168,11 +169,15 @@ class Steps:
     weighting_params: the method's hyper-parameter overrides (`config.weighting_params`).
     seed: seeds the methods that draw random numbers (RLW, PCGrad's task order...), folded
       with the step so a resumed run draws the same numbers.
+    per_task_grads: how gradient-based methods get the T per-task gradients from the one
+      forward pass: 'vmap' (the T backward passes batched; fastest) or 'sequential' (one
+      after another inside the step; less memory, as only one task's activation cotangents
+      live at a time).
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, method: str,
                dwa_temperature: float = 2.0, task_weights: Sequence[float] = (),
-               weighting_params: Any = None, seed: int = 0):
+               weighting_params: Any = None, seed: int = 0, per_task_grads: str = 'vmap'):
     self.tasks: tuple[Task, ...] = tuple(model.tasks)
     self.method = weighting.check_method(method)
     self.task_weights = weighting.check_weights(self.method, task_weights,
@@ -182,6 +187,10 @@ class Steps:
                         f'{type(model).__name__} has none (mtan, split*, dense, cross_stitch and '
                         f'mtan_resnet50 have it)')
     self.weighter = weighting.make(self.method, len(self.tasks), weighting_params)
+    if per_task_grads not in PER_TASK_GRADS:
+      raise ConfigError(f'unknown config.per_task_grads={per_task_grads!r}; expected one of '
+                        f'{", ".join(PER_TASK_GRADS)}')
+    self.per_task_grads = per_task_grads
     self.seed = int(seed)
     self.tx = tx
     self.dwa_temperature = float(dwa_temperature)
@@ -285,7 +294,13 @@ class Steps:
 
     losses, vjp_fn, batch_stats = jax.vjp(losses_fn, params, has_aux=True)
     num_tasks = len(self.tasks)
-    (per_task,) = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))
+    cotangents = jnp.eye(num_tasks, dtype=losses.dtype)
+    if self.per_task_grads == 'vmap':
+      (per_task,) = jax.vmap(vjp_fn)(cotangents)
+    else:
+      # One backward pass after another (still one compiled step): the activations'
+      # cotangents of one task at a time instead of T at once.
+      (per_task,) = jax.lax.map(vjp_fn, cotangents)
     if self.params_sharding is not None:
       # FSDP: keep the T per-task gradients sharded like their parameters (task axis whole),
       # so that no device holds T whole copies; the Gram sums reduce across devices.

@@ -167,7 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = make_optimizer(config, steps_per_epoch)
   # The model is only traced here (no arrays): the state is created directly on the devices.
   steps = Steps(nnx.eval_shape(make_model), tx, config.weighting, config.dwa_temperature,
-                tuple(config.task_weights), config.weighting_params, config.seed)
+                tuple(config.task_weights), config.weighting_params, config.seed,
+                config.per_task_grads)
   state_shapes = jax.eval_shape(lambda: steps.state_from_model(make_model()))
   shardings = sharding.state_shardings(state_shapes, mesh, bool(config.fsdp), int(config.fsdp_min_size))
   if config.fsdp:

@@ -530,3 +530,16 @@ def test_main_measures_a_method_row_next_to_equal_weighting(tmp_path):
   assert [g['goal'] for g in step_goals] == [
       'mtan_jax+pcgrad / mtan_jax step time at batch 8 <= 1.5']
   assert step_goals[0]['status'] == 'not measured'
+
+
+def test_method_memory_plans_per_task_gradients(tmp_path):
+  """benchmarks/method_memory.py: compile-only peak memory; per-task gradients cost memory,
+  and computing them one task at a time costs less than vmapping them."""
+  out = tmp_path / 'mem.json'
+  subprocess.run([sys.executable, str(REPO_ROOT / 'benchmarks' / 'method_memory.py'), '--workload', 'tiny',
+                  '--widths', '4,8,8,8,8', '--height', '32', '--width', '64', '--batch', '2',
+                  '--methods', 'equal,pcgrad,pcgrad:sequential', '--out', str(out)],
+                 check=True, capture_output=True, timeout=900, cwd=REPO_ROOT)
+  peaks = {m: row['peak_bytes'] for m, row in json.loads(out.read_text())['methods'].items()}
+  assert peaks['equal'] < peaks['pcgrad']
+  assert peaks['pcgrad:sequential'] <= peaks['pcgrad']

@@ -122,6 +122,19 @@ def test_all_ones_gradient_method_is_equal_weighting():
   chex.assert_trees_all_close(ones.params, equal.params, rtol=1e-4, atol=1e-6)
 
 
+def test_sequential_per_task_gradients_equal_vmapped_ones():
+  steps, batch = _setup('pcgrad')
+  state = steps.init_state()
+  vmapped, m1 = jax.jit(steps.train_step)(state, batch)
+  steps.per_task_grads = 'sequential'
+  sequential, m2 = jax.jit(steps.train_step)(state, batch)
+  chex.assert_trees_all_close(sequential.params, vmapped.params, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(m2['task_weights'], m1['task_weights'], rtol=1e-4)
+  with pytest.raises(ConfigError, match="per_task_grads='loop'"):
+    Steps(nnx.eval_shape(lambda: create_model('split', make_tasks(('depth',), 7), WIDTHS, seed=0)),
+          optax.sgd(1.0), 'pcgrad', per_task_grads='loop')
+
+
 def test_gradient_methods_need_shared_parameters():
   class AllSpecific(SegNet):
     TASK_SPECIFIC = ('',)  # every parameter
