@@ -318,6 +318,7 @@ class Steps:
     combined = iter(combined)
     grads = jax.tree.unflatten(treedef, [next(combined) if is_shared else g.sum(axis=0)
                                          for g, is_shared in zip(leaves, self.shared)])
+    # What the log calls the loss for these methods: the unweighted sum (they weight gradients).
     total = jnp.sum(losses)
     return grads, losses, total, batch_stats, method_state, {'task_weights': w, 'grad_norms': norms}
 

@@ -6,7 +6,6 @@ Every method accumulates its unweighted per-step losses here (the per-epoch trai
 curves come from it); DWA sets next epoch's weights from them, 'fixed' holds its constant
 weights in `weights`, and every other method leaves `weights` at ones.
 
-
 DWA (Liu et al. 2019): lambda_k(t) = K exp(w_k(t-1)/T) / sum_i exp(w_i(t-1)/T) with
 w_k(t-1) = L_k(t-1) / L_k(t-2), L_k(t) the unweighted average training loss of epoch t (the
 mean of the per-step losses, as the reference computes it); lambda = 1 for the first two epochs.
