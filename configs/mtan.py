@@ -62,6 +62,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.weighting_params = ''
   c.per_task_grads = 'vmap'
   c.seed = 0
+  # Faults and reproducibility (README: "Interruptions, faults and bad input").
+  c.nonfinite = 'stop'
+  c.log_grad_norms = True
+  c.deterministic = False
+  c.compilation_cache_dir = ''
+  c.preemption_exit_code = 75
+  c.min_free_disk_mb = 0
   # Devices and processes (README: "Many devices and many hosts").
   c.fsdp = False
   c.fsdp_min_size = 2 ** 14

@@ -5,20 +5,57 @@ statistics, optimizer state, weighting state and step) and 'meta' (JSON: the dat
 steps per epoch, which fix the data position together with the step, and the per-epoch
 evaluation history used by the final report). Orbax writes each checkpoint into a temporary
 directory and renames it when complete, so a run killed at any moment leaves only whole
-checkpoints behind; the newest whole one is restored on restart.
+checkpoints behind; the newest whole one is restored on restart. A newest checkpoint that
+still cannot be read (a damaged disk, files removed by hand) is reported, moved aside to
+`checkpoints/unreadable_<step>` and the one before it is used (`restore_newest_readable`).
+A save that fails (disk full, unwritable directory) raises `CheckpointError` in one line;
+orbax never renames the partial directory, so it is never taken for a checkpoint.
 
 Keeping all orbax calls here means a move to orbax's newer API stays local to this file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from mtan_jax.errors import DataError
+from mtan_jax.errors import DataError, MtanError, one_line
+from mtan_jax.workdir import describe_os_error
+
+log = logging.getLogger('mtan_jax')
+
+
+class CheckpointError(MtanError):
+  """A checkpoint could not be written (disk full, unwritable directory...)."""
+
+
+def _write_failure(exc: BaseException) -> str:
+  """The OS error behind a failed write, in words (orbax wraps TensorStore's errors, which
+  carry the errno as text: `... Failed writing: "<file>": ... [os_error_code='28']`)."""
+  cause = exc
+  while cause is not None and not isinstance(cause, OSError):
+    cause = cause.__cause__ or cause.__context__
+  if cause is not None:
+    return describe_os_error(cause)
+  text = str(exc)
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if code is None:
+    return _first_line(exc)
+  where = re.search(r'Failed writing: "([^"]+)"', text)
+  return describe_os_error(OSError(int(code.group(1)), os.strerror(int(code.group(1))))) + (
+      f' writing {where.group(1)}' if where else '')
+
+
+def _first_line(exc: BaseException) -> str:
+  text = str(exc).strip()
+  return one_line(text.splitlines()[0]) if text else type(exc).__name__
 
 
 class Checkpointer:
@@ -40,9 +77,36 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Starts an (asynchronous) save of `state` and `meta` at `step`."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts an (asynchronous) save of `state` and `meta` at `step`.
+
+    A failure of this or of the previous asynchronous save raises `CheckpointError`.
+    """
+    with self._write_errors(step):
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+
+  def _write_errors(self, step: int):
+    """Context: a failed write becomes one line naming the directory and the OS error."""
+    directory = self.directory
+
+    class _Guard:
+      def __enter__(self):
+        return self
+
+      def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, MtanError) or not isinstance(exc, Exception):
+          return False
+        reason = _write_failure(exc)
+        raise CheckpointError(f'could not write a checkpoint to {directory} (at step {step}): {reason}; '
+                              f'free disk space or fix the directory, then rerun to resume from '
+                              f'the last complete checkpoint') from None
+
+    return _Guard()
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether the multi-process preemption sync point is `step` (orbax/JAX's preemption
+    service: all processes agree on the step at which to save after a SIGTERM)."""
+    return self._manager.reached_preemption(step)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores the checkpoint at `step` (default: newest) into the structure of `abstract_state`.
@@ -65,6 +129,68 @@ class Checkpointer:
                       f'({first}); use a new --workdir or the config it was trained with') from None
     return restored['state'], restored['meta']
 
+  def restore_newest_readable(self, abstract_state: Any) -> tuple[Any, dict[str, Any], list[str]]:
+    """Restores the newest checkpoint that can be read, newest first.
+
+    A checkpoint that fails to load is moved aside to `unreadable_<step>` (so that the run
+    can save that step again) and the next older one is tried. If none loads, the newest
+    one's error is raised: a checkpoint of another model fails the same way at every step.
+
+    Returns:
+      (state, meta, warnings): one line per checkpoint skipped.
+    """
+    warnings: list[str] = []
+    first_error: Exception | None = None
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      error: Exception | None = None
+      try:
+        state, meta = self.restore(abstract_state, step)
+      except Exception as exc:  # pylint: disable=broad-except
+        if self._other_model(step, abstract_state):
+          raise  # another model or config: the older checkpoints are no different
+        # Anything else (truncated, missing or garbled files) is this checkpoint's damage;
+        # the one before may still be whole.
+        error = exc
+      ok = error is None
+      if jax.process_count() > 1:
+        # Every process must resume from the same step.
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        ok = bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+        error = error or DataError(f'checkpoint step {step} could not be read on another process')
+      if ok:
+        return state, meta, warnings
+      first_error = first_error or error
+      moved = self._move_aside(step)
+      warnings.append(f'checkpoint step {step} in {self.directory} is unreadable ({_first_line(error)}); '
+                      f'moved it to {moved}, trying the one before')
+      log.warning(warnings[-1])
+    if first_error is None:
+      raise DataError(f'no checkpoint in {self.directory}')
+    raise DataError(f'no readable checkpoint in {self.directory} (newest: {_first_line(first_error)}); '
+                    f'use a new --workdir to start over') from None
+
+  def _other_model(self, step: int, abstract_state: Any) -> bool:
+    """Whether the checkpoint's own metadata describes arrays of other shapes than the
+    state's (a checkpoint of another model), as opposed to damaged files."""
+    try:
+      metadata = self._manager.item_metadata(step)['state']
+      saved = sorted(tuple(m.shape) for m in jax.tree.leaves(metadata))
+    except Exception:  # pylint: disable=broad-except
+      return False  # the metadata itself is damaged
+    return saved != sorted(tuple(x.shape) for x in jax.tree.leaves(abstract_state))
+
+  def _move_aside(self, step: int) -> str:
+    """Renames a step's directory out of orbax's view (process 0); returns the new path."""
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.directory, f'unreadable_{step}_{int(time.time())}')
+    if jax.process_index() == 0 and os.path.exists(source):
+      os.replace(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'mtan_jax_move_aside_{step}')
+    self._manager.reload()
+    return target
+
   def restore_arrays(self, step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores a checkpoint without a target structure, onto this process's first device.
 
@@ -80,12 +206,15 @@ class Checkpointer:
     return restored['state'], restored['meta']
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk (`CheckpointError` if one failed)."""
+    with self._write_errors(self._manager.latest_step()):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 def abstract_like(tree: Any) -> Any:

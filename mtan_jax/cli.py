@@ -3,13 +3,15 @@
 `run(main)` runs an absl program (whose `--config` flag, where it has one, is an
 ml_collections config file); bad flags, unknown `--config.KEY` overrides, a missing config
 file and any `MtanError` raised by `main` are printed as a single `error: ...` line with
-exit status 2. A `main` that takes a parameter is given the positional command-line
+exit status 2. A run stopped by a preemption notice (SIGTERM, `mtan_jax.preemption`) prints
+one `preempted: ...` line and exits with its configured code (default 75). A `main` that takes a parameter is given the positional command-line
 arguments.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 from typing import Callable, NoReturn, Sequence
@@ -18,10 +20,14 @@ from absl import app, flags
 
 from mtan_jax.errors import MtanError
 from mtan_jax.logs import quiet_libraries
+from mtan_jax.preemption import Preempted
 
 
 def _fail(message: str) -> NoReturn:
   print(f'error: {message}', file=sys.stderr)
+  # A failed checkpoint write leaves orbax's write tasks with exceptions that asyncio would
+  # log, each with a traceback, when they are collected at exit: the line above said it.
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
   sys.exit(2)
 
 
@@ -63,5 +69,8 @@ def run(main: Callable[[], None] | Callable[[Sequence[str]], None]) -> None:
         main()
     except MtanError as exc:
       _fail(str(exc))
+    except Preempted as exc:
+      print(str(exc), file=sys.stderr)
+      sys.exit(exc.exit_code)
 
   app.run(wrapped, flags_parser=parse_flags)

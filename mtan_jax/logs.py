@@ -33,6 +33,17 @@ def _flatten(prefix: str, values: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
+def _drop_partial_line(path: str) -> None:
+  """Cuts a last line that a killed run left half written, so that the resumed run's records
+  start on a line of their own (`runs.read_scalars` treats anything else as corruption)."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if data and not data.endswith(b'\n'):
+      f.truncate(data.rfind(b'\n') + 1)
+
+
 class MetricWriter:
   """Appends scalars to `<workdir>/metrics.jsonl` and to TensorBoard events in `<workdir>/tb`."""
 
@@ -41,6 +52,8 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb_dir = os.path.join(workdir, 'tb') if tensorboard else None
     self._tb = None
+    if self.enabled:
+      _drop_partial_line(self.path)
 
   def write(self, step: int, values: Mapping[str, Any], prefix: str = '') -> None:
     """Writes nested `values` (flattened to 'prefix/a/b' names) at `step`."""

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mtan_jax import metrics
-from mtan_jax.errors import ConfigError
+from mtan_jax.errors import ConfigError, one_line
 
 
 def load_baselines(spec: str) -> dict[str, dict[str, float]]:
@@ -36,7 +36,7 @@ def load_baselines(spec: str) -> dict[str, dict[str, float]]:
     try:
       parsed = json.loads(spec)
     except json.JSONDecodeError as exc:
-      raise ConfigError(f'config.single_task_baselines is not valid JSON: {exc}') from None
+      raise ConfigError(f'config.single_task_baselines is not valid JSON: {one_line(exc)}') from None
     sources = [('config.single_task_baselines', parsed)]
   else:
     sources = []
@@ -44,14 +44,19 @@ def load_baselines(spec: str) -> dict[str, dict[str, float]]:
       try:
         with open(path, encoding='utf-8') as f:
           sources.append((path, json.load(f).get('val', {})))
-      except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise ConfigError(f'config.single_task_baselines: cannot read {path} ({exc}); expected the '
-                          f'final_metrics.json of a single-task run') from None
+      except (OSError, ValueError, AttributeError) as exc:
+        # ValueError: invalid JSON or not UTF-8; AttributeError: JSON that is not an object.
+        raise ConfigError(f'config.single_task_baselines: cannot read {path} ({one_line(exc)}); '
+                          f'expected the final_metrics.json of a single-task run') from None
   out: dict[str, dict[str, float]] = {}
   for where, table in sources:
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
       raise ConfigError(f'{where}: expected {{task: {{metric: value}}}}, got {str(table)[:80]}')
     for task, values in table.items():
+      for name, value in values.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+          raise ConfigError(f'{where}: {task}.{name}={repr(value)[:40]} is not a number; expected '
+                            f'{{task: {{metric: value}}}}')
       # Validation losses are logged with the metrics but belong to neither Delta_MTL
       # convention (and have no better direction in metrics.HIGHER_IS_BETTER).
       out.setdefault(task, {}).update({k: float(v) for k, v in values.items()

@@ -22,7 +22,7 @@ from typing import Any
 
 import ml_collections
 
-from mtan_jax.errors import DataError
+from mtan_jax.errors import DataError, one_line
 
 CONFIG_FILE = 'config.json'
 HISTORY_FILE = 'history.json'
@@ -35,8 +35,9 @@ def _read_json(path: str, what: str) -> Any:
       return json.load(f)
   except FileNotFoundError:
     raise DataError(f'{path} does not exist; expected {what}') from None
-  except (OSError, json.JSONDecodeError) as exc:
-    raise DataError(f'{path} is unreadable ({exc}); expected {what}') from None
+  except (OSError, ValueError) as exc:
+    # ValueError: invalid JSON, or bytes that are not UTF-8 (UnicodeDecodeError).
+    raise DataError(f'{path} is unreadable ({one_line(exc)}); expected {what}') from None
 
 
 def _tuples(value: Any) -> Any:
@@ -63,6 +64,8 @@ def write_json_atomic(path: str, value: Any) -> None:
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(value, f, indent=2)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
@@ -74,6 +77,8 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
     history = _read_json(path, 'a list of per-epoch records')
     if not isinstance(history, list):
       raise DataError(f'{path} holds {type(history).__name__}; expected a list of per-epoch records')
+    for index, record in enumerate(history):
+      _check_record(path, index, record)
     return history
   records = []
   for step, values in sorted(read_scalars(workdir).items()):
@@ -87,26 +92,54 @@ def read_history(workdir: str) -> list[dict[str, Any]]:
   return records
 
 
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_record(path: str, index: int, record: Any) -> None:
+  """One history.json record: what the report and comparisons read must have its shape."""
+  expected = "expected {'epoch': int, 'step': int, 'val': {task: {metric: number}}, 'train': ...}"
+  if not isinstance(record, dict):
+    raise DataError(f'{path}: record {index} is {repr(record)[:60]}; {expected}')
+  for key in ('epoch', 'step'):
+    if key in record and not (isinstance(record[key], int) and not isinstance(record[key], bool)):
+      raise DataError(f'{path}: record {index} has {key}={repr(record[key])[:60]}; {expected}')
+  val = record.get('val', {})
+  tables = val.values() if isinstance(val, dict) else [val]
+  for table in tables:
+    if not isinstance(table, dict) or not all(_is_number(v) for v in table.values()):
+      raise DataError(f'{path}: record {index} has val={repr(val)[:80]}; {expected}')
+
+
 def read_scalars(workdir: str) -> dict[int, dict[str, float]]:
   """{step: {name: value}} from metrics.jsonl; repeated (step, name) pairs keep the last value."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     raise DataError(f'{path} does not exist; expected the log of a run written by scripts/train.py')
   out: dict[int, dict[str, float]] = {}
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        record = json.loads(line)
-        step = int(record.pop('step'))
-      except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        # A run killed mid-write leaves a partial last line; anything else is corruption.
-        if f.read().strip():
-          raise DataError(f'{path}:{number} is not a JSON record with a step') from None
-        break
-      out.setdefault(step, {}).update({k: float(v) for k, v in record.items()})
+  try:
+    with open(path, encoding='utf-8') as f:
+      for number, line in enumerate(f, 1):
+        line = line.strip()
+        if not line:
+          continue
+        try:
+          record = json.loads(line)
+          step = int(record.pop('step'))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+          # A run killed mid-write leaves a partial last line; anything else is corruption.
+          if f.read().strip():
+            raise DataError(f'{path}:{number} is not a JSON record with a step') from None
+          break
+        bad = [k for k, v in record.items() if not _is_number(v)]
+        if bad:
+          raise DataError(f'{path}:{number}: {bad[0]}={repr(record[bad[0]])[:40]} is not a number; '
+                          f'expected {{"step": int, "name": number, ...}} as MetricWriter writes')
+        out.setdefault(step, {}).update({k: float(v) for k, v in record.items()})
+  except UnicodeDecodeError as exc:
+    # MetricWriter writes ASCII JSON: other bytes mean a damaged file.
+    raise DataError(f'{path} is not UTF-8 text ({one_line(exc)}); expected the JSON lines that '
+                    f'scripts/train.py writes') from None
   return out
 
 

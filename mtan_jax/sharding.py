@@ -190,6 +190,8 @@ class CompiledSteps:
   eval_step: Any
   compile_seconds: dict[str, float]
   memory: dict[str, dict[str, int] | None]
+  # (params, batch_stats, batch) -> (T,) per-task gradient norms, for the log; None if not asked.
+  grad_norms: Any = None
 
   def describe(self) -> str:
     """One line per executable: compile time and planned memory per device."""
@@ -205,7 +207,7 @@ class CompiledSteps:
 
 
 def compile_steps(steps: Steps, state: TrainState, shardings: TrainState, train_batch: Mapping[str, Any],
-                  eval_batch: Mapping[str, Any], mesh: Mesh) -> CompiledSteps:
+                  eval_batch: Mapping[str, Any], mesh: Mesh, grad_norms: bool = False) -> CompiledSteps:
   """Lowers and compiles the train step, epoch end and eval step for these exact shapes.
 
   Args:
@@ -215,6 +217,8 @@ def compile_steps(steps: Steps, state: TrainState, shardings: TrainState, train_
     train_batch: an abstract global training batch (`batch_spec`).
     eval_batch: an abstract global evaluation batch, with 'mask'.
     mesh: the device mesh.
+    grad_norms: also compile `steps.task_grad_norms` (loss-based methods' per-task gradient
+      norms, called at log points only).
   """
   rep = replicated(mesh)
   abstract = with_shardings(state, shardings)
@@ -229,13 +233,19 @@ def compile_steps(steps: Steps, state: TrainState, shardings: TrainState, train_
                             out_shardings=rep),
                     (abstract.params, abstract.batch_stats, eval_batch)),
   }
+  if grad_norms:
+    jobs['grad_norms'] = (jax.jit(steps.task_grad_norms,
+                                  in_shardings=(shardings.params, shardings.batch_stats,
+                                                _shardings_of(train_batch)), out_shardings=rep),
+                          (abstract.params, abstract.batch_stats, train_batch))
   compiled, seconds, memory = {}, {}, {}
   for name, (fn, args) in jobs.items():
     start = time.perf_counter()
     compiled[name] = fn.lower(*args).compile()
     seconds[name] = time.perf_counter() - start
     memory[name] = memory_summary(compiled[name])
-  return CompiledSteps(compiled['train_step'], compiled['end_epoch'], compiled['eval_step'], seconds, memory)
+  return CompiledSteps(compiled['train_step'], compiled['end_epoch'], compiled['eval_step'], seconds, memory,
+                       compiled.get('grad_norms'))
 
 
 def _shardings_of(tree: Mapping[str, Any]) -> dict[str, Any]:

@@ -46,12 +46,18 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   weighting: dict[str, jax.Array]
-  # First step whose loss was NaN/Inf, or -1. Checked on the host only at log/save points.
+  # First step whose loss or gradient was NaN/Inf, or -1; checked on the host only at log
+  # and save points. `nonfinite_task`: the first task whose loss broke there (T: the losses
+  # were finite but the gradients were not). `nonfinite_count`: steps not applied so far.
   nonfinite_step: jax.Array
+  nonfinite_task: jax.Array
+  nonfinite_count: jax.Array
 
 
 TASK_STACKING = ('auto', 'stacked', 'loop')
 PER_TASK_GRADS = ('vmap', 'sequential')
+# config.nonfinite: what a step whose loss or gradient is NaN/Inf does (it is never applied).
+NONFINITE = ('stop', 'skip')
 
 
 def stack_tasks_for(task_stacking: str, backend: str | None = None) -> bool:
@@ -173,11 +179,17 @@ class Steps:
       forward pass: 'vmap' (the T backward passes batched; fastest) or 'sequential' (one
       after another inside the step; less memory, as only one task's activation cotangents
       live at a time).
+    nonfinite: a step whose loss or gradients hold a NaN or Inf is never applied (parameters,
+      BatchNorm statistics, optimizer and weighting state stay as they were). 'stop': every
+      later step is a no-op too, and the host stops the run at its next log or save point,
+      naming the step and the task; 'skip': later steps go on and the skipped steps are
+      counted (`nonfinite_count`, logged).
   """
 
   def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, method: str,
                dwa_temperature: float = 2.0, task_weights: Sequence[float] = (),
-               weighting_params: Any = None, seed: int = 0, per_task_grads: str = 'vmap'):
+               weighting_params: Any = None, seed: int = 0, per_task_grads: str = 'vmap',
+               nonfinite: str = 'stop'):
     self.tasks: tuple[Task, ...] = tuple(model.tasks)
     self.method = weighting.check_method(method)
     self.task_weights = weighting.check_weights(self.method, task_weights,
@@ -191,6 +203,9 @@ class Steps:
       raise ConfigError(f'unknown config.per_task_grads={per_task_grads!r}; expected one of '
                         f'{", ".join(PER_TASK_GRADS)}')
     self.per_task_grads = per_task_grads
+    if nonfinite not in NONFINITE:
+      raise ConfigError(f'unknown config.nonfinite={nonfinite!r}; expected one of {", ".join(NONFINITE)}')
+    self.nonfinite = nonfinite
     self.seed = int(seed)
     self.tx = tx
     self.dwa_temperature = float(dwa_temperature)
@@ -223,7 +238,9 @@ class Steps:
                       batch_stats=batch_stats, opt_state=self.tx.init(params),
                       weighting={**weighting.init_state(len(self.tasks), self.task_weights),
                                  'method': self.weighter.init_state(shared)},
-                      nonfinite_step=jnp.full((), -1, jnp.int32))
+                      nonfinite_step=jnp.full((), -1, jnp.int32),
+                      nonfinite_task=jnp.full((), -1, jnp.int32),
+                      nonfinite_count=jnp.zeros((), jnp.int32))
 
   def model(self, params, batch_stats, train: bool) -> nnx.Module:
     """A model view over the given arrays (train mode updates BatchNorm statistics)."""
@@ -258,13 +275,27 @@ class Steps:
       grads = jax.lax.with_sharding_constraint(grads, self.params_sharding)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(losses))
-    nonfinite_step = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
     weighting_state = {**weighting.accumulate(state.weighting, losses), 'method': method_state}
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, weighting=weighting_state,
-                              nonfinite_step=nonfinite_step)
-    return new_state, {'loss': total, 'task_losses': losses, **extra}
+    new_state = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                              weighting=weighting_state)
+    # NaN/Inf: the step is not applied. One reduction per gradient leaf; `isfinite` rather
+    # than a norm, which could overflow for large but finite gradients.
+    losses_ok = jnp.isfinite(losses)
+    grads_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    finite = jnp.all(losses_ok) & jnp.isfinite(total) & grads_ok
+    apply = finite & (state.nonfinite_step < 0) if self.nonfinite == 'stop' else finite
+    # A conditional, not an element-wise select over the whole state: the select's
+    # dependence on every gradient makes XLA:CPU's compile time explode (minutes, not seconds).
+    new_state = jax.lax.cond(apply, lambda: new_state, lambda: state)
+    first = (state.nonfinite_step < 0) & ~finite
+    bad_task = jnp.where(jnp.all(losses_ok), len(self.tasks), jnp.argmin(losses_ok)).astype(jnp.int32)
+    new_state = new_state.replace(
+        step=state.step + 1,
+        nonfinite_step=jnp.where(first, state.step, state.nonfinite_step),
+        nonfinite_task=jnp.where(first, bad_task, state.nonfinite_task),
+        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32))
+    return new_state, {'loss': total, 'task_losses': losses, 'nonfinite_count': new_state.nonfinite_count,
+                       **extra}
 
   def _loss_step(self, params, state: TrainState, batch, key):
     """Loss-based methods: one backward pass of the method's total."""
@@ -287,14 +318,30 @@ class Steps:
     """Gradient-based methods: per-task gradients from one forward pass and a backward pass
     vmapped over the T one-hot cotangents; the method combines the shared parameters' ones,
     the task-specific parameters get the sum (each only has its own task's gradient)."""
+    losses, per_task, batch_stats = self._per_task_grads(params, state.batch_stats, batch)
+    num_tasks = len(self.tasks)
+    leaves, treedef = jax.tree.flatten(per_task)
+    shared = [g for g, is_shared in zip(leaves, self.shared) if is_shared]
+    combined, w, method_state = self.weighter.combine(shared, jax.lax.stop_gradient(losses),
+                                                      state.weighting['method'], key)
+    norms = _task_norms(shared, num_tasks)
+    combined = iter(combined)
+    grads = jax.tree.unflatten(treedef, [next(combined) if is_shared else g.sum(axis=0)
+                                         for g, is_shared in zip(leaves, self.shared)])
+    # What the log calls the loss for these methods: the unweighted sum (they weight gradients).
+    total = jnp.sum(losses)
+    return grads, losses, total, batch_stats, method_state, {'task_weights': w, 'grad_norms': norms}
+
+  def _per_task_grads(self, params, batch_stats, batch):
+    """(losses, per-task gradients with a leading task axis, updated BatchNorm statistics):
+    one forward pass, then the backward pass vmapped over the T one-hot cotangents."""
 
     def losses_fn(params):
-      losses, batch_stats, _ = self._forward(params, state.batch_stats, batch)
-      return losses, batch_stats
+      losses, new_stats, _ = self._forward(params, batch_stats, batch)
+      return losses, new_stats
 
-    losses, vjp_fn, batch_stats = jax.vjp(losses_fn, params, has_aux=True)
-    num_tasks = len(self.tasks)
-    cotangents = jnp.eye(num_tasks, dtype=losses.dtype)
+    losses, vjp_fn, new_stats = jax.vjp(losses_fn, params, has_aux=True)
+    cotangents = jnp.eye(len(self.tasks), dtype=losses.dtype)
     if self.per_task_grads == 'vmap':
       (per_task,) = jax.vmap(vjp_fn)(cotangents)
     else:
@@ -308,19 +355,19 @@ class Steps:
           lambda g, sh: jax.lax.with_sharding_constraint(
               g, NamedSharding(sh.mesh, PartitionSpec(None, *sh.spec))),
           per_task, self.params_sharding)
-    leaves, treedef = jax.tree.flatten(per_task)
-    shared = [g for g, is_shared in zip(leaves, self.shared) if is_shared]
-    combined, w, method_state = self.weighter.combine(shared, jax.lax.stop_gradient(losses),
-                                                      state.weighting['method'], key)
-    # Per-task gradient norms over the shared parameters (what the method saw), for the logs.
-    norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(num_tasks, -1).astype(jnp.float32)), axis=1)
-                         for g in shared))
-    combined = iter(combined)
-    grads = jax.tree.unflatten(treedef, [next(combined) if is_shared else g.sum(axis=0)
-                                         for g, is_shared in zip(leaves, self.shared)])
-    # What the log calls the loss for these methods: the unweighted sum (they weight gradients).
-    total = jnp.sum(losses)
-    return grads, losses, total, batch_stats, method_state, {'task_weights': w, 'grad_norms': norms}
+    return losses, per_task, new_stats
+
+  def task_grad_norms(self, params, batch_stats, batch) -> jax.Array:
+    """(T,) norms of each task's loss gradient over the shared parameters.
+
+    Gradient-based methods log these from their step; for loss-based methods the loop calls
+    this at log points only (`config.log_grad_norms`), since it costs T backward passes.
+    """
+    if self.gathered_params_sharding is not None:
+      params = jax.lax.with_sharding_constraint(params, self.gathered_params_sharding)
+    _, per_task, _ = self._per_task_grads(params, batch_stats, batch)
+    shared = [g for g, is_shared in zip(jax.tree.leaves(per_task), self.shared) if is_shared]
+    return _task_norms(shared, len(self.tasks))
 
   def end_epoch(self, state: TrainState) -> TrainState:
     """Closes an epoch: DWA's loss history and next-epoch weights."""
@@ -335,6 +382,12 @@ class Steps:
     preds = self.predict(params, batch_stats, batch['image'])
     mask = batch['mask']
     return {task.name: task.stats(pred, batch, mask) for task, pred in zip(self.tasks, preds)}
+
+
+def _task_norms(shared: Sequence[jax.Array], num_tasks: int) -> jax.Array:
+  """Per-task gradient norms over the shared parameters (what a gradient method sees)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(g.reshape(num_tasks, -1).astype(jnp.float32)), axis=1)
+                      for g in shared))
 
 
 def jit_steps(steps: Steps) -> tuple[Callable, Callable, Callable]:

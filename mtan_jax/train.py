@@ -5,12 +5,22 @@ compiled steps -> loop (train, log, checkpoint, evaluate each epoch) -> final re
 
 The loop never waits for the device between steps: metrics stay on device and are fetched
 only at log points, where the non-finite-loss flag is checked too. Re-running with the same
-workdir resumes from the newest checkpoint; because the data order is a pure function of
-(seed, epoch) and the step, a resumed run continues exactly where the killed one was.
+workdir resumes from the newest readable checkpoint; because the data order and the random
+numbers are pure functions of (seed, epoch, step), and the weighting state (DWA's loss
+history, the epoch's running loss sums, a method's own state) and log-sigma are part of the
+checkpointed state, a resumed run is the same run as one never interrupted (bitwise on CPU,
+tests/test_soak.py).
+
+What protects the run (README "Interruptions, faults and bad input"): the config is checked
+before anything is built (`config_checks`); one run per workdir (`workdir.WorkdirLock`); the
+workdir must take a checkpoint before training starts (`workdir.check_writable`); SIGTERM
+saves and exits with `config.preemption_exit_code` (`preemption`); a NaN/Inf step is never
+applied and, by `config.nonfinite`, stops the run or is skipped and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,8 +33,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mtan_jax import evaluation, report, runs, sharding
+from mtan_jax import evaluation, report, runs, runtime, sharding
 from mtan_jax.checkpointing import Checkpointer
+from mtan_jax.config_checks import check_config
 from mtan_jax.data import make_sources
 from mtan_jax.data.pipeline import (KEY_SPECS, eval_batches, example_shape, train_batches,
                                     transforms_from_config)
@@ -32,8 +43,10 @@ from mtan_jax.distributed import maybe_initialize
 from mtan_jax.errors import ConfigError, NonFiniteLossError
 from mtan_jax.logs import MetricWriter
 from mtan_jax.models.segnet import check_input_size
+from mtan_jax.preemption import Preempted, PreemptionWatcher
 from mtan_jax.steps import Steps, TrainState, create_model, make_optimizer
 from mtan_jax.tasks import make_tasks
+from mtan_jax.workdir import WorkdirLock, check_writable
 
 log = logging.getLogger('mtan_jax')
 
@@ -45,36 +58,34 @@ def _batch_spec(keys, image_size, size, data_sharding, image_channels, with_mask
   return sharding.batch_spec(shapes, size, data_sharding)
 
 
-def _check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  positive = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps',
-              'checkpoint_every_steps', 'report_last_epochs', 'keep_checkpoints')
-  for key in positive:
-    if int(config[key]) < 1:
-      raise ConfigError(f'config.{key}={config[key]}; expected a positive integer')
-  if config.lr <= 0:
-    raise ConfigError(f'config.lr={config.lr}; expected > 0')
-  if config.dwa_temperature <= 0:
-    raise ConfigError(f'config.dwa_temperature={config.dwa_temperature}; expected > 0')
-  if int(config.head_hidden) < 1:
-    raise ConfigError(f'config.head_hidden={config.head_hidden}; expected a positive integer')
-  if int(config.vis_images) < 0:
-    raise ConfigError(f'config.vis_images={config.vis_images}; expected >= 0 (0 turns the grids off)')
-  if int(config.fsdp_min_size) < 0:
-    raise ConfigError(f'config.fsdp_min_size={config.fsdp_min_size}; expected >= 0')
-  for key in ('batch_size', 'eval_batch_size'):
-    if config[key] % num_devices:
-      raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} devices; '
-                        f'the batch is split evenly across devices')
+class _FaultWatch:
+  """Reads the step's NaN/Inf record at log and save points (the only host syncs).
 
+  'stop': raises with the first bad step and the task whose loss broke there. 'skip': logs
+  a warning whenever more steps were skipped since the last look.
+  """
 
-def _check_finite(state: TrainState, checkpointer: Checkpointer) -> None:
-  bad = int(sharding.to_host(state.nonfinite_step))
-  if bad >= 0:
-    last = checkpointer.latest_step()
-    kept = f'the last good checkpoint is step {last} in {checkpointer.directory}' if last is not None \
-        else 'no checkpoint was saved before it'
-    raise NonFiniteLossError(f'the training loss became NaN or Inf at step {bad}; stopped, {kept}. '
-                             f'Try a lower config.lr or check the data')
+  def __init__(self, mode: str, task_names, checkpointer: Checkpointer):
+    self.mode, self.task_names, self.checkpointer = mode, list(task_names), checkpointer
+    self.skipped = 0
+
+  def check(self, state: TrainState) -> None:
+    bad, task, count = (int(v) for v in sharding.to_host(
+        (state.nonfinite_step, state.nonfinite_task, state.nonfinite_count)))
+    if bad < 0:
+      return
+    where = (f"the loss of task '{self.task_names[task]}'" if 0 <= task < len(self.task_names)
+             else 'a gradient (all task losses finite)')
+    if self.mode == 'stop':
+      last = self.checkpointer.latest_step()
+      kept = (f'the last good checkpoint is step {last} in {self.checkpointer.directory}' if last is not None
+              else 'no checkpoint was saved before it')
+      raise NonFiniteLossError(f'{where} became NaN or Inf at step {bad}; stopped without applying it, '
+                               f'{kept}. Try a lower config.lr, check the data, or set '
+                               f'config.nonfinite=skip to skip such batches')
+    if count > self.skipped:
+      log.warning('%d step(s) with NaN/Inf skipped so far (first at step %d: %s)', count, bad, where)
+      self.skipped = count
 
 
 class _Preview:
@@ -125,7 +136,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The final summary: validation metrics averaged over the last `config.report_last_epochs`
     epochs (and Delta_MTL when baselines are configured).
   """
-  # --- Processes, devices, config and data ------------------------------------------------
+  # --- Processes, devices, config ----------------------------------------------------------
+  # Every key's type and range, before anything reads them; the batch's split over the
+  # devices is checked again below, once the device count is known.
+  check_config(config, 1)
+  runtime.configure(config)  # XLA flags: before JAX starts a backend
   maybe_initialize(config)
   if config.dtype == 'float64':
     # Process-wide, before any array exists: 64-bit compute for numerical checks.
@@ -134,7 +149,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Every process runs the same loop; one of them speaks.
     log.setLevel(logging.WARNING)
   mesh = sharding.make_mesh()
-  _check_config(config, mesh.size)
+  check_config(config, mesh.size)
+  # One run per workdir. Process 0 holds the lock: other hosts may share the file system.
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train(config, workdir, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
+  """`train_and_evaluate` once the config is checked and the workdir is ours."""
+  # --- Data --------------------------------------------------------------------------------
   tasks = make_tasks(config.tasks, config.num_classes, image_size=tuple(config.image_size))
   transforms = transforms_from_config(config, [t.name for t in tasks])
   baselines = report.load_baselines(config.single_task_baselines)
@@ -153,10 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f'config.batch_size={batch_size}')
   total_steps = steps_per_epoch * int(config.num_epochs)
 
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config.to_json(indent=2))
+    runs.write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), json.loads(config.to_json()))
 
   # --- Model, optimizer, shardings and compiled steps --------------------------------------
   def make_model():
@@ -168,8 +190,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The model is only traced here (no arrays): the state is created directly on the devices.
   steps = Steps(nnx.eval_shape(make_model), tx, config.weighting, config.dwa_temperature,
                 tuple(config.task_weights), config.weighting_params, config.seed,
-                config.per_task_grads)
+                config.per_task_grads, config.nonfinite)
   state_shapes = jax.eval_shape(lambda: steps.state_from_model(make_model()))
+  if jax.process_index() == 0:
+    # Before compiling: a full or unwritable disk fails now, not at the first checkpoint.
+    check_writable(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state_shapes)),
+                   int(config.min_free_disk_mb) * 2**20)
   shardings = sharding.state_shardings(state_shapes, mesh, bool(config.fsdp), int(config.fsdp_min_size))
   if config.fsdp:
     sharding.configure_fsdp(steps, shardings, mesh)
@@ -179,7 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       steps, state_shapes, shardings,
       _batch_spec(keys, train_source.shape, batch_size, data_sharding, transforms.image_channels),
       _batch_spec(keys, val_source.shape, eval_batch_size, data_sharding, transforms.image_channels,
-                  with_mask=True), mesh)
+                  with_mask=True), mesh,
+      grad_norms=bool(config.log_grad_norms) and not steps.weighter.gradient)
   log.info('%d device(s) in %d process(es), batch %d per step (%d per device), %s\n%s',
            mesh.size, jax.process_count(), batch_size, batch_size // mesh.size,
            'FSDP-sharded state' if config.fsdp else 'replicated state', compiled.describe())
@@ -197,7 +224,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_meta = {'seed': int(config.seed), 'batch_size': batch_size, 'steps_per_epoch': steps_per_epoch,
                'num_train': len(train_source)}
   if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(sharding.with_shardings(state_shapes, shardings))
+    # A newest checkpoint that cannot be read is reported and moved aside; the one before
+    # it is used (the steps since are trained again, identically).
+    state, meta, _ = checkpointer.restore_newest_readable(sharding.with_shardings(state_shapes, shardings))
     # An imported checkpoint (scripts/convert_torch_checkpoint.py) has no data position yet.
     for key, value in data_meta.items() if meta['data'] else ():
       if meta['data'].get(key) != value:
@@ -214,12 +243,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                            transforms.image_channels))
       log.info('encoder initialised from VGG16 weights in %s', config.encoder_init)
 
+  faults = _FaultWatch(config.nonfinite, [t.name for t in tasks], checkpointer)
+
   def save(state: TrainState) -> None:
-    _check_finite(state, checkpointer)
+    faults.check(state)
     checkpointer.save(int(sharding.to_host(state.step)), state, {'data': data_meta, 'history': history})
+
+  def stop_for_preemption(state: TrainState, step: int) -> None:
+    if checkpointer.latest_step() != step:
+      save(state)
+    checkpointer.wait()
+    raise Preempted(step, checkpointer.directory, int(config.preemption_exit_code),
+                    watcher.seconds_since_notice())
 
   # --- Loop ------------------------------------------------------------------------------
   writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+  watcher = PreemptionWatcher(checkpointer.reached_preemption)
   step = int(sharding.to_host(state.step))
   first_epoch = int(sharding.to_host(state.weighting['epochs_done']))
   bar = tqdm(total=total_steps * batch_size, initial=step * batch_size, unit='img', unit_scale=True,
@@ -238,7 +277,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.update(batch_size)
         if step % config.log_every_steps == 0:
           fetched = sharding.to_host(step_metrics)
-          _check_finite(state, checkpointer)
+          faults.check(state)
+          if compiled.grad_norms is not None:
+            fetched['grad_norms'] = sharding.to_host(compiled.grad_norms(state.params, state.batch_stats, batch))
           rate = (step - n0) * batch_size / max(time.perf_counter() - t0, 1e-9)
           writer.write(step, {'loss': fetched['loss'],
                               **{f'{t.name}_loss': v for t, v in zip(tasks, fetched['task_losses'])},
@@ -246,11 +287,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               **{f'{t.name}_weight': v for t, v in zip(tasks, fetched['task_weights'])},
                               **{f'{t.name}_grad_norm': v
                                  for t, v in zip(tasks, fetched.get('grad_norms', ()))},
+                              'nonfinite_skipped': fetched['nonfinite_count'],
                               'lr': float(schedule(step - 1)), 'images_per_sec': rate}, prefix='train')
           bar.set_postfix(loss=f'{float(fetched["loss"]):.4f}')
-        # A save at the epoch boundary waits for end_epoch (below), so resume never skips it.
-        if step % config.checkpoint_every_steps == 0 and step % steps_per_epoch:
-          save(state)
+        # A save at the epoch boundary waits for end_epoch (below), so resume never skips it;
+        # so does a preemption there (the epoch's own save is its checkpoint).
+        if step % steps_per_epoch:
+          if step % config.checkpoint_every_steps == 0:
+            save(state)
+          if watcher.requested(step):
+            stop_for_preemption(state, step)
       state = end_epoch(state)
       epoch_avg = sharding.to_host(state.weighting['loss_history'][1])
       record: dict[str, Any] = {'epoch': epoch + 1, 'step': step, 'train': {t.name: {'loss': float(v)}
@@ -267,13 +313,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           runs.write_json_atomic(os.path.join(workdir, runs.HISTORY_FILE), history)
       names = [t.name for t in tasks]
       epoch_scalars = {**record['train'],
-                       'weights': dict(zip(names, sharding.to_host(state.weighting['weights']).tolist()))}
+                       'weights': dict(zip(names, sharding.to_host(state.weighting['weights']).tolist())),
+                       'nonfinite_skipped': int(sharding.to_host(state.nonfinite_count))}
       if config.weighting == 'uncertainty':
         # The learned log-variances s_k; the loss weight of task k is 1 / (2 exp(s_k)).
         epoch_scalars['logsigma'] = dict(zip(names, sharding.to_host(state.params['logsigma'][...]).tolist()))
       writer.write(step, epoch_scalars, prefix='train_epoch')
       save(state)
+      if watcher.requested(step) and epoch + 1 < int(config.num_epochs):
+        stop_for_preemption(state, step)
   finally:
+    watcher.close()
     bar.close()
     checkpointer.close()
     writer.close()
@@ -281,7 +331,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Report ----------------------------------------------------------------------------
   summary = report.summarize(history, config.report_last_epochs, baselines)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
+    runs.write_json_atomic(os.path.join(workdir, 'final_metrics.json'), summary)
     print(report.format_table(summary), flush=True)
   return summary

@@ -4,6 +4,12 @@ import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One persistent XLA compilation cache for the session, shared with the subprocesses tests
+# start: the many tiny runs compile the same steps, and a killed-and-restarted run (the soak
+# test) loads them instead of compiling again. Set before JAX is imported, which reads it.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mtan_jax_test_xla_cache_')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -25,6 +31,9 @@ TINY = {
     'report_last_epochs': 2,
     'progress_bar': False,
     'tensorboard': False,
+    # The per-task gradient norms of loss-based methods cost one more compiled function;
+    # tests/test_train.py turns them on where it checks them.
+    'log_grad_norms': False,
     'weighting': 'dwa',
 }
 

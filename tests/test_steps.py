@@ -132,3 +132,60 @@ def test_task_stacking_resolves_by_backend():
   assert stack_tasks_for('stacked', 'cpu') and not stack_tasks_for('loop', 'gpu')
   with pytest.raises(ConfigError, match='config.task_stacking'):
     stack_tasks_for('fast')
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('mode', ['skip', 'stop'])
+def test_a_nonfinite_step_is_not_applied_and_names_the_task(mode):
+  tasks = make_tasks(('semantic', 'depth', 'normal'), 7)
+  steps = Steps(create_model('mtan', tasks, WIDTHS, seed=0), optax.adam(1e-3), 'dwa', nonfinite=mode)
+  train_step = jax.jit(chex.assert_max_traces(steps.train_step, n=1))
+  good = jax.device_put(_batch())
+  bad = {**good, 'depth': good['depth'].at[0, 0, 0].set(np.nan)}  # only depth's loss breaks
+  state, _ = train_step(steps.init_state(), good)
+  after_bad, metrics = train_step(state, bad)
+  assert not np.isfinite(float(metrics['task_losses'][1]))
+  # Nothing but the step counter and the fault record moved.
+  _assert_same((after_bad.params, after_bad.batch_stats, after_bad.opt_state, after_bad.weighting),
+               (state.params, state.batch_stats, state.opt_state, state.weighting))
+  assert (int(after_bad.step), int(after_bad.nonfinite_step), int(after_bad.nonfinite_task),
+          int(after_bad.nonfinite_count)) == (2, 1, 1, 1)
+  assert int(metrics['nonfinite_count']) == 1
+  after_good, _ = train_step(after_bad, good)
+  moved = not np.array_equal(np.asarray(jax.tree.leaves(after_good.params)[0]),
+                             np.asarray(jax.tree.leaves(after_bad.params)[0]))
+  # 'skip' goes on with the next batch; 'stop' freezes the state until the host stops the run.
+  assert moved == (mode == 'skip')
+  assert int(after_good.nonfinite_step) == 1 and int(after_good.nonfinite_count) == 1
+  chex.clear_trace_counter()
+
+
+def test_nonfinite_gradients_with_finite_losses_are_caught():
+  tasks = make_tasks(('semantic', 'depth'), 7)
+  steps = Steps(create_model('mtan', tasks, WIDTHS, seed=0), optax.adam(1e-3), 'equal', nonfinite='skip')
+  state = steps.init_state()
+  # An Inf weight in the first convolution: with ReLU and BatchNorm the forward pass can stay
+  # finite-looking in places, but its gradient does not; whatever breaks, nothing is applied.
+  leaves, treedef = jax.tree.flatten(state.params)
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.inf)
+  state = state.replace(params=jax.tree.unflatten(treedef, leaves))
+  new, _ = jax.jit(steps.train_step)(state, jax.device_put(_batch()))
+  assert int(new.nonfinite_count) == 1 and int(new.nonfinite_step) == 0
+  _assert_same(new.params, state.params)
+
+
+def test_per_task_gradient_norms_for_loss_based_methods_match_separate_gradients():
+  tasks = make_tasks(('semantic', 'depth'), 7)
+  steps = Steps(create_model('mtan', tasks, WIDTHS, seed=0), optax.adam(1e-3), 'dwa')
+  state = steps.init_state()
+  batch = jax.device_put(_batch())
+  norms = np.asarray(jax.jit(steps.task_grad_norms)(state.params, state.batch_stats, batch))
+  for k in range(2):
+    grads = jax.grad(lambda p: steps._forward(p, state.batch_stats, batch)[0][k])(state.params)  # pylint: disable=protected-access
+    shared = steps.shared_params(grads)
+    expected = np.sqrt(sum(float(np.sum(np.square(np.asarray(g)))) for g in shared))
+    np.testing.assert_allclose(norms[k], expected, rtol=1e-4)

@@ -605,8 +605,9 @@ def prepare_dataset(manual_dir: str | os.PathLike, data_dir: str | os.PathLike,
 # Random-access reader.
 # --------------------------------------------------------------------------------------
 
-_LABEL_DIRS = {'label_7': 7, 'label_19': 19}
-_TASKS = ('semantic', 'depth')
+# Classes per label folder and the tasks with targets (also read by `mtan_jax.data.check_dataset`).
+LABEL_DIRS = {'label_7': 7, 'label_19': 19}
+TASKS = ('semantic', 'depth')
 
 
 def _prepare_hint(data_dir: str | os.PathLike, resolution: str) -> str:
@@ -638,20 +639,20 @@ class CityscapesTfdsSource:
     if not isinstance(split, str) or split.split('[')[0] not in SPLITS:
       raise ConfigError(f'split {split!r}, expected one of {SPLITS}, optionally sliced like '
                         "'train[:90%]' (the Cityscapes test split has no public labels)")
-    if label_dir not in _LABEL_DIRS:
-      raise ConfigError(f'label_dir {label_dir!r}, expected one of {tuple(_LABEL_DIRS)} for '
+    if label_dir not in LABEL_DIRS:
+      raise ConfigError(f'label_dir {label_dir!r}, expected one of {tuple(LABEL_DIRS)} for '
                         'Cityscapes prepared from the raw packages')
     if isinstance(tasks, str):
       raise ConfigError(f'tasks {tasks!r} is a string, expected a sequence such as '
                         f"('{tasks}',)")
     for task in tasks:
-      if task not in _TASKS:
-        raise ConfigError(f'task {task!r}, expected tasks from {_TASKS} (Cityscapes has no '
+      if task not in TASKS:
+        raise ConfigError(f'task {task!r}, expected tasks from {TASKS} (Cityscapes has no '
                           'other targets)')
     self.tasks = tuple(dict.fromkeys(tasks))
     self.split = split
     self.label_dir = label_dir
-    self.num_classes = _LABEL_DIRS[label_dir]
+    self.num_classes = LABEL_DIRS[label_dir]
     self.data_dir = os.fspath(data_dir)
     self._shape = RESOLUTIONS[resolution]
     self._check_prepared()

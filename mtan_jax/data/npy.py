@@ -33,13 +33,15 @@ from mtan_jax.errors import ConfigError, DataError, one_line
 
 _LAYOUTS = ('cityscapes', 'nyuv2')
 _TASK_KEYS = {'semantic': 'label', 'depth': 'depth', 'normal': 'normal'}
-_LAYOUT_TASKS = {
+# The targets each layout holds and its classes per label folder (also read by
+# `mtan_jax.data.check_dataset` to check a config before any file is opened).
+LAYOUT_TASKS = {
     'cityscapes': ('semantic', 'depth'),
     'nyuv2': ('semantic', 'depth', 'normal'),
 }
-_DEFAULT_LABEL_DIR = {'cityscapes': 'label_7', 'nyuv2': 'label'}
-_CITYSCAPES_CLASSES = {'label_2': 2, 'label_7': 7, 'label_19': 19}
-_NYUV2_CLASSES = 13
+DEFAULT_LABEL_DIR = {'cityscapes': 'label_7', 'nyuv2': 'label'}
+CITYSCAPES_CLASSES = {'label_2': 2, 'label_7': 7, 'label_19': 19}
+NYUV2_CLASSES = 13
 # Upper sanity bounds: Cityscapes stores inverse depth (~0..0.49), NYUv2 metres (<~10).
 # Values far above these mean a different preprocessing (disparity in pixels, millimetres).
 _MAX_DEPTH = {'cityscapes': 10.0, 'nyuv2': 20.0}
@@ -151,7 +153,7 @@ class NpyDataset:
       raise ConfigError(f'layout {layout!r}, expected one of {_LAYOUTS}')
     self.layout = layout
     self.tasks = self._check_tasks(layout, tasks)
-    self.label_dir = _DEFAULT_LABEL_DIR[layout] if label_dir is None else label_dir
+    self.label_dir = DEFAULT_LABEL_DIR[layout] if label_dir is None else label_dir
     self.num_classes = self._check_num_classes(layout, self.label_dir, num_classes)
     self.root = pathlib.Path(root)
     self.split = split
@@ -171,7 +173,7 @@ class NpyDataset:
   def _check_tasks(layout: str, tasks: Sequence[str] | None) -> tuple[str, ...]:
     """Validates the requested tasks against the layout."""
     if tasks is None:
-      return _LAYOUT_TASKS[layout]
+      return LAYOUT_TASKS[layout]
     if isinstance(tasks, str):
       raise ConfigError(f'tasks {tasks!r} is a string, expected a sequence of task names such '
                         f"as ('{tasks}',)")
@@ -179,9 +181,9 @@ class NpyDataset:
     for task in tasks:
       if task not in _TASK_KEYS:
         raise ConfigError(f'task {task!r}, expected one of {tuple(_TASK_KEYS)}')
-      if task not in _LAYOUT_TASKS[layout]:
+      if task not in LAYOUT_TASKS[layout]:
         raise ConfigError(f'task {task!r} is not available for layout {layout!r} ({layout} has '
-                          f'no {task} targets), expected tasks from {_LAYOUT_TASKS[layout]}')
+                          f'no {task} targets), expected tasks from {LAYOUT_TASKS[layout]}')
       if task not in result:
         result.append(task)
     return tuple(result)
@@ -191,11 +193,11 @@ class NpyDataset:
     """Resolves and validates the number of semantic classes."""
     if num_classes is None:
       if layout == 'nyuv2':
-        return _NYUV2_CLASSES
-      if label_dir not in _CITYSCAPES_CLASSES:
+        return NYUV2_CLASSES
+      if label_dir not in CITYSCAPES_CLASSES:
         raise ConfigError(f'label_dir {label_dir!r} has no default num_classes, expected one of '
-                          f'{tuple(_CITYSCAPES_CLASSES)} or an explicit num_classes')
-      return _CITYSCAPES_CLASSES[label_dir]
+                          f'{tuple(CITYSCAPES_CLASSES)} or an explicit num_classes')
+      return CITYSCAPES_CLASSES[label_dir]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
       raise ConfigError(f'num_classes {num_classes!r}, expected a positive integer')
     return num_classes

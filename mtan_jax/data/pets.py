@@ -44,8 +44,10 @@ box in pixels of the resized image is the normalised box times (H, W, H, W).
 
 from __future__ import annotations
 
+import json
 import operator
 import os
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -121,6 +123,18 @@ def _data_dir_name(data_dir: str | None) -> str:
   return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
 
 
+def _check_info_files(data_dir: str | None) -> None:
+  """A damaged `dataset_info.json` fails with its path (TFDS would raise a protobuf ParseError)."""
+  root = pathlib.Path(_data_dir_name(data_dir)) / DATASET
+  for info in sorted(root.glob('*/dataset_info.json')):
+    try:
+      json.loads(info.read_text(encoding='utf-8'))
+    except (OSError, ValueError) as e:
+      raise DataError(f'{info}: unreadable dataset info ({one_line(e)}), expected the JSON written '
+                      f'by TFDS; delete {info.parent} and prepare it again with: '
+                      f'{_PREPARE_HINT.format(d=_data_dir_name(data_dir))}') from None
+
+
 def _open_error(data_dir: str | None, split: str, error: Exception) -> Exception:
   """Turns a failed `tfds.data_source` into a one-line DataError/ConfigError.
 
@@ -187,6 +201,7 @@ class PetsSource:
     self.data_dir = data_dir
     self.split = split
     self._keys = ('image',) + tuple(_RAW_KEYS[t] for t in TARGET_TASKS if t in self.tasks)
+    _check_info_files(data_dir)
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     # Keep images and trimaps encoded: decoding them here would run PIL under the GIL in
     # the tf.data numpy_function; `decode` does it in TensorFlow's parallel map instead.
