@@ -7,7 +7,7 @@ evaluation history used by the final report). Orbax writes each checkpoint into 
 directory and renames it when complete, so a run killed at any moment leaves only whole
 checkpoints behind; the newest whole one is restored on restart. A newest checkpoint that
 still cannot be read (a damaged disk, files removed by hand) is reported, moved aside to
-`checkpoints/unreadable_<step>` and the one before it is used (`restore_newest_readable`).
+`checkpoints/unreadable_<step>_<time>` and the one before it is used (`restore_newest_readable`).
 A save that fails (disk full, unwritable directory) raises `CheckpointError` in one line;
 orbax never renames the partial directory, so it is never taken for a checkpoint.
 
@@ -16,6 +16,7 @@ Keeping all orbax calls here means a move to orbax's newer API stays local to th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -85,23 +86,17 @@ class Checkpointer:
       self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)), force=True)
 
-  def _write_errors(self, step: int):
-    """Context: a failed write becomes one line naming the directory and the OS error."""
-    directory = self.directory
-
-    class _Guard:
-      def __enter__(self):
-        return self
-
-      def __exit__(self, kind, exc, tb):
-        if exc is None or isinstance(exc, MtanError) or not isinstance(exc, Exception):
-          return False
-        reason = _write_failure(exc)
-        raise CheckpointError(f'could not write a checkpoint to {directory} (at step {step}): {reason}; '
-                              f'free disk space or fix the directory, then rerun to resume from '
-                              f'the last complete checkpoint') from None
-
-    return _Guard()
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None):
+    """A failed write becomes one line naming the directory and the OS error."""
+    try:
+      yield
+    except MtanError:
+      raise
+    except Exception as exc:  # pylint: disable=broad-except
+      raise CheckpointError(f'could not write a checkpoint to {self.directory} (at step {step}): '
+                            f'{_write_failure(exc)}; free disk space or fix the directory, then '
+                            f'rerun to resume from the last complete checkpoint') from None
 
   def reached_preemption(self, step: int) -> bool:
     """Whether the multi-process preemption sync point is `step` (orbax/JAX's preemption
@@ -132,9 +127,10 @@ class Checkpointer:
   def restore_newest_readable(self, abstract_state: Any) -> tuple[Any, dict[str, Any], list[str]]:
     """Restores the newest checkpoint that can be read, newest first.
 
-    A checkpoint that fails to load is moved aside to `unreadable_<step>` (so that the run
-    can save that step again) and the next older one is tried. If none loads, the newest
-    one's error is raised: a checkpoint of another model fails the same way at every step.
+    A checkpoint that fails to load is moved aside to `unreadable_<step>_<time>` (so that
+    the run can save that step again) and the next older one is tried. A checkpoint of
+    another model (its metadata's array shapes differ) is not damage: its error is raised
+    at once. If none loads, `DataError` names the newest one's failure.
 
     Returns:
       (state, meta, warnings): one line per checkpoint skipped.

@@ -4,8 +4,8 @@
 ml_collections config file); bad flags, unknown `--config.KEY` overrides, a missing config
 file and any `MtanError` raised by `main` are printed as a single `error: ...` line with
 exit status 2. A run stopped by a preemption notice (SIGTERM, `mtan_jax.preemption`) prints
-one `preempted: ...` line and exits with its configured code (default 75). A `main` that takes a parameter is given the positional command-line
-arguments.
+one `preempted: ...` line and exits with its configured code (default 75). A `main` that
+takes a parameter is given the positional command-line arguments.
 """
 
 from __future__ import annotations
