@@ -115,8 +115,11 @@ def test_twenty_sigkills_and_two_sigterms_give_the_uninterrupted_parameters(tmp_
     counts['during_checkpoint_write'] += writing
   subprocess.run(_cmd(killed), check=True, capture_output=True, timeout=900)
 
-  print(json.dumps({**counts, 'startup_seconds': round(startup_seconds, 1),
-                    'restarts_logged_steps': _steps_logged(killed)}))
+  # What happened, for `pytest -s` and for reading back from the test's directory.
+  report = json.dumps({**counts, 'startup_seconds': round(startup_seconds, 1),
+                       'steps_logged_with_repeats': _steps_logged(killed)})
+  print(report)
+  (tmp_path / 'soak_counts.json').write_text(report)
   assert counts['sigkill'] + counts['sigterm'] + counts['finished_before_signal'] == KILLS + TERMS
   assert counts['finished_before_signal'] <= 2, counts  # the signals landed in a live run
   assert counts['during_checkpoint_write'] >= 3, counts
