@@ -50,7 +50,11 @@ def tiny_config(**overrides):
 def tiny_flags(**overrides):
   """The same settings as `--config.KEY=VALUE` flags for scripts/train.py on :runlocal."""
   def fmt(value):
-    return '(' + ','.join(str(v) for v in value) + ')' if isinstance(value, tuple) else str(value)
+    if not isinstance(value, tuple):
+      return str(value)
+    # Python literals, as the flag parser reads them: quoted strings, a 1-tuple's comma.
+    return '(' + ','.join(repr(v) if isinstance(v, str) else str(v) for v in value) + (
+        ',)' if len(value) == 1 else ')')
   return [f'--config.{key}={fmt(value)}' for key, value in {**TINY, **overrides}.items()]
 
 
