@@ -119,9 +119,8 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as exc:
-      first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
       raise DataError(f'checkpoint {self.directory}/{step} does not match this model/config '
-                      f'({first}); use a new --workdir or the config it was trained with') from None
+                      f'({_first_line(exc)}); use a new --workdir or the config it was trained with') from None
     return restored['state'], restored['meta']
 
   def restore_newest_readable(self, abstract_state: Any) -> tuple[Any, dict[str, Any], list[str]]:
