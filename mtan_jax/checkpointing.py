@@ -123,6 +123,11 @@ class Checkpointer:
                       f'({_first_line(exc)}); use a new --workdir or the config it was trained with') from None
     return restored['state'], restored['meta']
 
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    """The JSON item ('meta': data position, evaluation history) of the checkpoint at `step`,
+    without reading its arrays."""
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
   def restore_newest_readable(self, abstract_state: Any) -> tuple[Any, dict[str, Any], list[str]]:
     """Restores the newest checkpoint that can be read, newest first.
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -125,8 +126,9 @@ def lr_schedule(lr: float, steps_per_epoch: int, decay_every_epochs: int,
                 decay_factor: float) -> optax.Schedule:
   """PyTorch's StepLR as an optax schedule: lr * decay_factor ** (epoch // decay_every_epochs).
 
-  Use it with `optax.adam(schedule)`: optax's Adam defaults (b1 0.9, b2 0.999, eps 1e-8 added
-  outside the square root) equal torch.optim.Adam's, as in the reference.
+  Training uses `adam`, which computes the same rates from optimizer state; this function is
+  the host-side value for logs and tests. optax's Adam defaults (b1 0.9, b2 0.999, eps 1e-8
+  added outside the square root) equal torch.optim.Adam's, as in the reference.
   """
   if decay_every_epochs > 0:
     return optax.exponential_decay(lr, transition_steps=decay_every_epochs * steps_per_epoch,
@@ -134,14 +136,52 @@ def lr_schedule(lr: float, steps_per_epoch: int, decay_every_epochs: int,
   return optax.constant_schedule(lr)
 
 
+def _adam_step_lr(learning_rate, decay_factor, decay_steps) -> optax.GradientTransformation:
+  """Adam with PyTorch's StepLR: learning_rate * decay_factor ** (step // decay_steps)."""
+  return optax.chain(optax.scale_by_adam(),
+                     optax.scale_by_schedule(lambda count: -learning_rate * decay_factor ** (count // decay_steps)))
+
+
+def adam(lr: float, decay_every_steps: int = 0, decay_factor: float = 1.0) -> optax.GradientTransformation:
+  """Adam (torch.optim.Adam's defaults) with a StepLR schedule whose numbers are optimizer state.
+
+  `optax.inject_hyperparams` keeps the learning rate, decay factor and decay interval as
+  arrays in the optimizer state instead of constants in the compiled step, so runs that
+  differ only in them share one executable (and the persistent compilation cache).
+  `decay_every_steps=0` is a constant rate. `set_hyperparams` writes new values into a state.
+  """
+  if decay_every_steps <= 0:
+    decay_every_steps, decay_factor = 1, 1.0
+  return optax.inject_hyperparams(_adam_step_lr)(learning_rate=float(lr), decay_factor=float(decay_factor),
+                                                 decay_steps=int(decay_every_steps))
+
+
+def set_hyperparams(opt_state, lr: float, decay_every_steps: int = 0, decay_factor: float = 1.0):
+  """`opt_state` (of `adam`) with these hyper-parameters; each array keeps its dtype and
+  its placement (a replicated scalar on every device of a run)."""
+  if decay_every_steps <= 0:
+    decay_every_steps, decay_factor = 1, 1.0
+  values = {'learning_rate': lr, 'decay_factor': decay_factor, 'decay_steps': decay_every_steps}
+
+  def place(value, like):
+    value = np.asarray(value, like.dtype)
+    # From a callback: any sharding, also one spanning several processes.
+    return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
+
+  hyperparams = {k: place(values[k], v) if k in values else v for k, v in opt_state.hyperparams.items()}
+  return opt_state._replace(hyperparams=hyperparams)
+
+
 def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adam with the config's StepLR schedule; returns (optimizer, schedule).
+  """Adam with the config's StepLR schedule (`adam`); returns (optimizer, schedule), the
+  schedule for logging the rate on the host.
 
   Everything that builds a train state uses this, so checkpointed optimizer states always
   have the same structure.
   """
+  decay_steps = int(config.lr_decay_every_epochs) * steps_per_epoch
   schedule = lr_schedule(config.lr, steps_per_epoch, config.lr_decay_every_epochs, config.lr_decay_factor)
-  return optax.adam(schedule), schedule
+  return adam(config.lr, decay_steps, config.lr_decay_factor), schedule
 
 
 def _first_key(path) -> str:

@@ -44,7 +44,7 @@ from mtan_jax.errors import ConfigError, NonFiniteLossError
 from mtan_jax.logs import MetricWriter
 from mtan_jax.models.segnet import check_input_size
 from mtan_jax.preemption import Preempted, PreemptionWatcher
-from mtan_jax.steps import Steps, TrainState, create_model, make_optimizer
+from mtan_jax.steps import Steps, TrainState, create_model, make_optimizer, set_hyperparams
 from mtan_jax.tasks import make_tasks
 from mtan_jax.workdir import WorkdirLock, check_writable
 
@@ -177,6 +177,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, A
                       f'config.batch_size={batch_size}')
   total_steps = steps_per_epoch * int(config.num_epochs)
 
+  history = _finished_history(config, workdir, total_steps)
+  if history is not None:
+    # Rerunning a finished run's command reports its results without compiling anything.
+    log.info('%s holds this config trained to its last step (%d); reporting its results', workdir,
+             total_steps)
+    return _report(history, config, baselines, workdir)
+
   if jax.process_index() == 0:
     runs.write_json_atomic(os.path.join(workdir, runs.CONFIG_FILE), json.loads(config.to_json()))
 
@@ -233,6 +240,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, A
         raise ConfigError(f'{checkpointer.directory} was written with {key}={meta["data"].get(key)} but '
                           f'this run has {key}={value}; the run cannot resume, use a new --workdir')
     history = list(meta['history'])
+    # The learning-rate schedule is optimizer state (one executable for any rate); the
+    # config of this run decides it, as it would a schedule compiled into the step.
+    state = state.replace(opt_state=set_hyperparams(
+        state.opt_state, config.lr, int(config.lr_decay_every_epochs) * steps_per_epoch,
+        config.lr_decay_factor))
     log.info('resumed from step %d in %s', int(sharding.to_host(state.step)), checkpointer.directory)
   else:
     state = sharding.init_state(steps, make_model, shardings)
@@ -328,9 +340,37 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, A
     checkpointer.close()
     writer.close()
 
-  # --- Report ----------------------------------------------------------------------------
+  return _report(history, config, baselines, workdir)
+
+
+def _report(history, config, baselines, workdir: str) -> dict[str, Any]:
+  """The final summary of `history`: written to final_metrics.json, printed, returned."""
   summary = report.summarize(history, config.report_last_epochs, baselines)
   if jax.process_index() == 0:
     runs.write_json_atomic(os.path.join(workdir, 'final_metrics.json'), summary)
     print(report.format_table(summary), flush=True)
   return summary
+
+
+def _finished_history(config, workdir: str, total_steps: int) -> list[dict[str, Any]] | None:
+  """The evaluation history of a run in `workdir` that finished with exactly this config
+  (its config.json equal, the newest checkpoint at the last step with every epoch in its
+  history); None for anything else, which then takes the usual path (resume or start)."""
+  try:
+    with open(os.path.join(workdir, runs.CONFIG_FILE), encoding='utf-8') as f:
+      if json.load(f) != json.loads(config.to_json()):
+        return None
+  except (OSError, ValueError):
+    return None
+  checkpointer = Checkpointer(workdir, async_save=False)
+  try:
+    if checkpointer.latest_step() != total_steps:
+      return None
+    history = list(checkpointer.restore_meta(total_steps)['history'])
+  except Exception:  # pylint: disable=broad-except
+    return None  # unreadable: the usual path reports or repairs it
+  finally:
+    checkpointer.close()
+  if not history or history[-1].get('epoch') != int(config.num_epochs):
+    return None
+  return history
