@@ -30,8 +30,8 @@ CITYSCAPES_FORWARD_MACS = 48.2e9
 E2E_SYSTEMS = ('mtan_jax', 'mtan_jax_bf16', 'torch_eager', 'torch_autocast_bf16')
 # `max` is listed to check that CPU runs skip it rather than exhaust host memory.
 TINY_ARGS = ['--workload', 'tiny', '--widths', '4,8,8,8,8', '--height', '32', '--width', '64',
-             '--systems', ','.join(E2E_SYSTEMS), '--batch-sizes', '2,max', '--windows', '1',
-             '--iters', '1', '--warmup', '0', '--matmul-size', '128']
+             '--systems', ','.join(E2E_SYSTEMS), '--methods', 'pcgrad', '--batch-sizes', '2,max',
+             '--windows', '1', '--iters', '1', '--warmup', '0', '--matmul-size', '128']
 OOM_MESSAGE = 'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB.'
 TIMING = argparse.Namespace(windows=1, iters=1, warmup=0)
 
@@ -53,7 +53,9 @@ def small_workload(throughput):
   return dataclasses.replace(throughput.WORKLOADS['tiny'], height=32, width=32)
 
 
-def test_main_on_cpu_compares_all_cpu_systems_without_tensorflow(tmp_path):
+def test_main_on_cpu_compares_all_cpu_systems_and_a_method_without_tensorflow(tmp_path):
+  """One run of the script: every CPU system, a weighting method's row next to equal
+  weighting, the goals, the environment; no TensorFlow or ml_collections imported."""
   pytest.importorskip('torch')
   out = tmp_path / 'result.json'
   driver = ('import runpy, sys\n'
@@ -71,13 +73,16 @@ def test_main_on_cpu_compares_all_cpu_systems_without_tensorflow(tmp_path):
   assert 'batch size max is skipped' in proc.stdout
   assert 'Goals' in proc.stdout
 
+  assert '| tiny | 2 | mtan_jax+pcgrad | ok |' in proc.stdout
+  assert 'step time vs equal' in proc.stdout
+
   report = json.loads(out.read_text())
   rows = {r['system']: r for r in report['results']}
-  assert set(rows) == set(E2E_SYSTEMS) and len(report['results']) == len(E2E_SYSTEMS)
+  assert set(rows) == {*E2E_SYSTEMS, 'mtan_jax+pcgrad'} and len(report['results']) == len(E2E_SYSTEMS) + 1
   assert report['mfu_denominator_tflops'] == report['matmul']['tflops'] > 0
   assert report['matmul']['size'] == 128
   assert report['mfu_denominator_source'].startswith('measured bf16 matmul')
-  for row in rows.values():
+  for row in (rows[system] for system in E2E_SYSTEMS):
     assert row['workload'] == 'tiny' and row['batch_size'] == 2 and row['status'] == 'ok'
     assert row['images_per_s'] > 0 and len(row['window_images_per_s']) == 1
     assert row['tflops'] > 0
@@ -98,6 +103,18 @@ def test_main_on_cpu_compares_all_cpu_systems_without_tensorflow(tmp_path):
   assert report['workloads'][0]['torch_model'] == 'mtan_jax.torch_reference.TorchMTAN'
   assert report['workloads'][0]['widths'] == [4, 8, 8, 8, 8]
   assert report['max_batch_search'] == []
+  # The method's row: its step time against equal weighting (the mtan_jax row).
+  assert report['settings']['methods'] == ['pcgrad']
+  method = rows['mtan_jax+pcgrad']
+  assert method['status'] == 'ok' and method['weighting'] == 'pcgrad'
+  assert rows['mtan_jax']['weighting'] == 'equal'
+  assert rows['mtan_jax']['step_time_ratio_to_equal'] is None
+  assert method['step_time_ratio_to_equal'] == pytest.approx(
+      rows['mtan_jax']['images_per_s'] / method['images_per_s'])
+  assert method['peak_memory_bytes'] > 0
+  step_goals = [g for g in report['goals'] if g['kind'] == 'step_time']
+  assert [g['goal'] for g in step_goals] == [
+      'mtan_jax+pcgrad / mtan_jax step time at batch 8 <= 1.5']
   assert report['goals'] and all(g['status'] == 'not measured' for g in report['goals'])
   assert all(g['note'].startswith('CPU run: goals are defined for one H100')
              for g in report['goals'])
@@ -498,38 +515,6 @@ def test_step_time_ratio_and_goal_of_method_rows(throughput):
   cpu = goals_by_name(throughput.evaluate_goals(rows, ['cityscapes'], throughput.CPU_GOAL_NOTE))
   assert cpu['cityscapes', step('mgda'), 8]['status'] == 'not measured'
   assert cpu['cityscapes', step('mgda'), 8]['value'] == pytest.approx(2.0)
-
-
-def test_main_measures_a_method_row_next_to_equal_weighting(tmp_path):
-  out = tmp_path / 'result.json'
-  argv = ['--workload', 'tiny', '--widths', '4,8,8,8,8', '--height', '32', '--width', '64',
-          '--systems', 'mtan_jax', '--methods', 'pcgrad', '--batch-sizes', '2', '--windows',
-          '1', '--iters', '1', '--warmup', '0', '--matmul-size', '128', '--out', str(out)]
-  driver = ('import runpy\n'
-            f'runpy.run_path({str(SCRIPT)!r})["main"]({argv!r})\n')
-  # As in the test above: unoptimised XLA compiles faster, and speed is not checked.
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
-  proc = subprocess.run([sys.executable, '-c', driver], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=400, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert '| tiny | 2 | mtan_jax+pcgrad | ok |' in proc.stdout
-  assert 'step time vs equal' in proc.stdout
-
-  report = json.loads(out.read_text())
-  rows = {r['system']: r for r in report['results']}
-  assert list(rows) == ['mtan_jax', 'mtan_jax+pcgrad']
-  assert report['settings']['methods'] == ['pcgrad']
-  method = rows['mtan_jax+pcgrad']
-  assert method['status'] == 'ok' and method['weighting'] == 'pcgrad'
-  assert rows['mtan_jax']['weighting'] == 'equal'
-  assert rows['mtan_jax']['step_time_ratio_to_equal'] is None
-  assert method['step_time_ratio_to_equal'] == pytest.approx(
-      rows['mtan_jax']['images_per_s'] / method['images_per_s'])
-  assert method['peak_memory_bytes'] > 0
-  step_goals = [g for g in report['goals'] if g['kind'] == 'step_time']
-  assert [g['goal'] for g in step_goals] == [
-      'mtan_jax+pcgrad / mtan_jax step time at batch 8 <= 1.5']
-  assert step_goals[0]['status'] == 'not measured'
 
 
 def test_method_memory_plans_per_task_gradients(tmp_path):

@@ -1,21 +1,34 @@
 """Checkpointer: round trips of the whole train state, and clear errors on mismatch."""
 
+import functools
 import os
 
 import jax
 import numpy as np
-import optax
 import pytest
+from flax import nnx
 
 from mtan_jax.checkpointing import Checkpointer, abstract_like
 from mtan_jax.errors import DataError
-from mtan_jax.steps import Steps, create_model
+from mtan_jax.steps import Steps, adam, create_model
 from mtan_jax.tasks import make_tasks
 
 
+@functools.cache
 def _state(tasks=('semantic', 'depth')):
-  model = create_model('mtan', make_tasks(tasks, 7), (4, 8, 8, 8, 8), seed=0)
-  return Steps(model, optax.adam(1e-3), 'dwa').init_state()
+  """A whole train state (built once, under one jit: eager initialisation compiles op by op)."""
+  make_model = lambda: create_model('mtan', make_tasks(tasks, 7), (4, 8, 8, 8, 8), seed=0)
+  steps = Steps(nnx.eval_shape(make_model), adam(1e-3), 'dwa')
+  return jax.jit(lambda: steps.state_from_model(make_model()))()
+
+
+def _abstract(tasks=('semantic', 'depth')):
+  """The state's shapes without building it."""
+  make_model = lambda: create_model('mtan', make_tasks(tasks, 7), (4, 8, 8, 8, 8), seed=0)
+  steps = Steps(nnx.eval_shape(make_model), adam(1e-3), 'dwa')
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                      jax.eval_shape(lambda: steps.state_from_model(make_model())))
 
 
 def test_round_trip_is_exact_and_keeps_meta(tmp_path):
@@ -40,7 +53,7 @@ def test_restoring_into_another_model_is_one_clear_line(tmp_path):
   ckpt = Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, _state(), {'data': {}, 'history': []})
   with pytest.raises(DataError, match='does not match this model') as info:
-    ckpt.restore(abstract_like(_state(('semantic', 'depth', 'normal'))))
+    ckpt.restore(_abstract(('semantic', 'depth', 'normal')))
   assert '\n' not in str(info.value)
   ckpt.close()
 
@@ -80,7 +93,7 @@ def test_no_readable_checkpoint_and_another_model_are_one_line(tmp_path):
   ckpt = Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, _state(), {'data': {}, 'history': []})
   with pytest.raises(DataError, match='does not match this model'):
-    ckpt.restore_newest_readable(abstract_like(_state(('semantic', 'depth', 'normal'))))
+    ckpt.restore_newest_readable(_abstract(('semantic', 'depth', 'normal')))
   assert ckpt.latest_step() == 1  # a mismatch is not damage: nothing is moved
   _corrupt(tmp_path / 'checkpoints' / '1')
   with pytest.raises(DataError, match='no readable checkpoint') as info:

@@ -63,8 +63,8 @@ def runs(tmp_path):
     return workdir
 
   # Seed 1 also differs in keys that do not change the experiment: still the same group.
-  out['dwa'] = [add('dwa/mtan_seed0', tiny_config(seed=0, tasks=tasks), 0),
-                add('dwa/mtan_seed1', tiny_config(seed=1, tasks=tasks, log_every_steps=7,
+  out['dwa'] = [add('dwa/mtan_seed0', tiny_config(seed=0, tasks=tasks, weighting='dwa'), 0),
+                add('dwa/mtan_seed1', tiny_config(seed=1, tasks=tasks, weighting='dwa', log_every_steps=7,
                                                   data_dir='/elsewhere', progress_bar=True), 1,
                     rates=(50.0, 70.0, 60.0))]
   out['equal'] = [add('equal/mtan_seed0', tiny_config(seed=0, tasks=tasks, weighting='equal'), 2)]

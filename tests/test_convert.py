@@ -9,14 +9,16 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from conftest import REPO, tiny_config  # pylint: disable=g-import-not-at-top
+from conftest import REPO, tiny_config, tiny_flags  # pylint: disable=g-import-not-at-top
 from mtan_jax.checkpointing import Checkpointer
 from mtan_jax.evaluation import evaluate_run
 from mtan_jax.torch_reference import TorchMTAN
 from mtan_jax.train import train_and_evaluate
 
 CONVERT = os.path.join(REPO, 'scripts', 'convert_torch_checkpoint.py')
-MODEL_FLAGS = ['--config.widths=(4,8,8,8,8)', '--config.tasks=semantic,depth,normal']
+# The tiny config of conftest, so that evaluating and training the converted run reuse the
+# session's compiled steps.
+MODEL_FLAGS = tiny_flags()
 
 
 def test_convert_then_resume_training(tmp_path):
@@ -37,7 +39,7 @@ def test_convert_then_resume_training(tmp_path):
   assert meta['imported_from'] == str(pth)
   # The converted workdir is self-describing: scripts/evaluate.py's code evaluates it as is.
   result = evaluate_run(str(workdir))
-  assert result['step'] == 0 and result['num_examples'] == 64
+  assert result['step'] == 0 and result['num_examples'] == 6
   assert set(result['metrics']) == {'semantic', 'depth', 'normal'}
   assert all(np.isfinite(v) for task in result['metrics'].values() for v in task.values())
   # Training continues from the imported weights.

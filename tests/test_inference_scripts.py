@@ -1,5 +1,5 @@
-"""The result scripts on a run the test trains: evaluate, predict, plot, report, export, and
-the evaluation grids and curves training writes."""
+"""The result scripts on the session's trained run: evaluate, predict, plot, report, export,
+and the evaluation grids and curves training writes."""
 
 import glob
 import json
@@ -19,7 +19,6 @@ from mtan_jax.errors import ConfigError, DataError
 from mtan_jax.evaluation import evaluate_run
 from mtan_jax.predict import predict_files
 from mtan_jax.restore import load_run
-from mtan_jax.train import train_and_evaluate
 
 TASKS = ('semantic', 'depth', 'normal')
 SIZE = (32, 64)  # tiny_config's image size
@@ -48,13 +47,11 @@ def _nontrivial(path, min_colors=8):
   return pixels
 
 
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  """A tiny MTAN run (uncertainty weighting, so log-sigma curves exist) with grids and TB."""
-  workdir = str(tmp_path_factory.mktemp('runs') / 'mtan_seed0')
-  train_and_evaluate(tiny_config(tensorboard=True, vis_images=VIS, weighting='uncertainty',
-                                 num_epochs=2), workdir)
-  return workdir
+@pytest.fixture
+def run_dir(trained_run):
+  """The tiny MTAN run of conftest (uncertainty weighting, so log-sigma curves exist; grids,
+  TensorBoard); read-only."""
+  return trained_run.workdir
 
 
 @pytest.fixture(scope='module')
@@ -217,16 +214,35 @@ def test_plot_script_draws_the_run_curves(run_dir, tmp_path):
     assert pixels.shape[1] >= 400
 
 
-@pytest.mark.slow
+def _write_seed(run_dir, workdir, seed, scale):
+  """Another seed of the trained run as the results tools read it: its config with another
+  seed and a history whose metrics are the trained run's times `scale`."""
+  os.makedirs(workdir)
+  config = json.load(open(os.path.join(run_dir, 'config.json'), encoding='utf-8'))
+  json.dump({**config, 'seed': seed}, open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8'))
+  history = json.load(open(os.path.join(run_dir, 'history.json'), encoding='utf-8'))
+  for record in history:
+    record['val'] = {t: {m: v * scale for m, v in values.items()} for t, values in record['val'].items()}
+  json.dump(history, open(os.path.join(workdir, 'history.json'), 'w', encoding='utf-8'))
+  shutil.copy(os.path.join(run_dir, 'metrics.jsonl'), os.path.join(workdir, 'metrics.jsonl'))
+
+
 def test_report_script_compares_seeds_against_single_task_runs(run_dir, tmp_path):
-  root = os.path.dirname(run_dir)
-  seed1 = os.path.join(root, 'mtan_seed1')
-  stl = os.path.join(root, 'stl_semantic')
-  train_and_evaluate(tiny_config(weighting='uncertainty', num_epochs=2, seed=1), seed1)
-  train_and_evaluate(tiny_config(model='segnet', tasks=('semantic',), num_epochs=2), stl)
-  result = _script('report.py', run_dir, seed1, f'--baseline={stl}', f'--output={tmp_path}', '--last=2')
+  # A second seed and a single-task baseline, written as training leaves them (the table's
+  # arithmetic on made-up runs is tests/test_compare.py's subject; here the script reads a
+  # real run).
+  seed1, stl = str(tmp_path / 'mtan_seed1'), str(tmp_path / 'stl_semantic')
+  _write_seed(run_dir, seed1, 1, 0.9)
+  os.makedirs(stl)
+  open(os.path.join(stl, 'config.json'), 'w', encoding='utf-8').write(
+      tiny_config(model='segnet', tasks=('semantic',), weighting='equal').to_json())
+  json.dump([{'epoch': e, 'step': 4 * e, 'train': {'semantic': {'loss': 1.0}},
+              'val': {'semantic': {'loss': 1.0, 'miou': 0.3 + 0.1 * e, 'pix_acc': 0.5 + 0.1 * e}}}
+             for e in (1, 2)], open(os.path.join(stl, 'history.json'), 'w', encoding='utf-8'))
+  out = tmp_path / 'report'
+  result = _script('report.py', run_dir, seed1, f'--baseline={stl}', f'--output={out}', '--last=2')
   assert result.returncode == 0, result.stderr
-  table = json.loads((tmp_path / 'report.json').read_text())
+  table = json.loads((out / 'report.json').read_text())
   mtan = next(g for g in table['groups'] if not g['baseline'])
   assert mtan['label'] == 'mtan' and sorted(mtan['seeds']) == [0, 1]
   miou = [json.load(open(os.path.join(d, 'history.json')))[-1]['val']['semantic']['miou'] for d in (run_dir, seed1)]
@@ -234,7 +250,7 @@ def test_report_script_compares_seeds_against_single_task_runs(run_dir, tmp_path
   expected = np.mean([(a + b) / 2 for a, b in zip(miou, first)])
   assert mtan['val']['semantic']['miou']['mean'] == pytest.approx(expected)
   assert np.isfinite(mtan['delta_m']['mean']) and np.isfinite(mtan['delta_mtl_libmtl']['mean'])
-  assert mtan['params'] > 0 and '±' in (tmp_path / 'report.md').read_text()
+  assert mtan['params'] > 0 and '±' in (out / 'report.md').read_text()
 
 
 def test_export_script_round_trips_the_trained_model(run_dir, tmp_path):

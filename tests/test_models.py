@@ -152,7 +152,9 @@ def test_model_under_jit():
   jitted = forward(state, x)
   _check_outputs(tasks, jitted, 2, 64, 64)
   for a, b in zip(eager, jitted):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # Op by op against one compiled program: float32 rounding, judged against each output's
+    # scale (normals near zero differ by ~1e-3 of themselves).
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
 @pytest.mark.parametrize('height, width', [(100, 256), (256, 100), (0, 64), (48, 64)])
@@ -243,7 +245,9 @@ def _rel(a, b):
   return np.abs(a - b).max() / scale if scale else np.abs(a).max()
 
 
-@pytest.mark.parametrize('num_tasks', [1, 2, 3])
+# Three tasks in the default tier; one and two (the same code with fewer rows) in the slow one.
+@pytest.mark.parametrize('num_tasks', [pytest.param(1, marks=pytest.mark.slow),
+                                       pytest.param(2, marks=pytest.mark.slow), 3])
 def test_stacked_tasks_equal_per_task_loop(num_tasks):
   tasks, stacked, loop = _stack_pair(num_tasks)
   x = images(2, 32, 64)

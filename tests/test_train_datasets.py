@@ -1,5 +1,6 @@
-"""End to end on generated data in the real layouts: TFDS Cityscapes, every pet variant of the
-second seed, and self-supervised tasks with augmentation (including exact resume)."""
+"""End to end on generated data in the real layouts: TFDS Cityscapes, the pets tasks of the
+second seed (every variant's config; all six tasks in one run), and self-supervised tasks with
+augmentation (including exact resume)."""
 
 import jax
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from conftest import tiny_config
 from mtan_jax.checkpointing import Checkpointer
+from mtan_jax.config_checks import check_config
 from mtan_jax.data import fake_data
 from mtan_jax.errors import ConfigError
 from mtan_jax.train import train_and_evaluate
@@ -42,20 +44,46 @@ def _final_params(workdir):
   return jax.tree.map(np.asarray, state)
 
 
+# What each variant of configs/pets.py trains: (model, tasks, weighting, task weights).
+PET_VARIANTS = {
+    'single': ('segnet', ('semantic',), 'equal', ()),
+    'mtl_segnet': ('segnet', ('semantic', 'species', 'bbox'), 'fixed', (0.7, 0.1, 0.2)),
+    'mtan': ('mtan', ('semantic', 'species', 'bbox'), 'fixed', (0.7, 0.1, 0.2)),
+    'mtan_no_class': ('mtan', ('semantic', 'bbox'), 'fixed', (0.7, 0.2)),
+    'mtan_no_bbox': ('mtan', ('semantic', 'species'), 'fixed', (0.7, 0.1)),
+    'mtan_colorization': ('mtan', ('semantic', 'species', 'bbox', 'colorization'), 'fixed', (0.7, 0.1, 0.2, 0.1)),
+    'mtan_edges': ('mtan', ('semantic', 'species', 'bbox', 'edges'), 'fixed', (0.7, 0.1, 0.2, 0.1)),
+    'mtan_denoising': ('mtan', ('semantic', 'species', 'bbox', 'denoising'), 'fixed', (0.7, 0.1, 0.2, 0.1)),
+}
+ALL_PET_TASKS = ('semantic', 'species', 'bbox', 'colorization', 'edges', 'denoising')
+
+
+def test_every_pet_variant_is_a_valid_config(pets_dir):
+  """Each variant's config passes the checks a run starts with and trains what the seed says
+  (every task it uses is trained end to end, all at once, in the slow test below)."""
+  from configs import pets  # pylint: disable=import-outside-toplevel
+  assert set(PET_VARIANTS) == set(pets.VARIANTS)
+  for variant, (model, tasks, method, weights) in PET_VARIANTS.items():
+    config = _pets_config(variant, pets_dir)
+    check_config(config, 1)
+    assert (config.model, config.tasks, config.weighting) == (model, tasks, method), variant
+    assert config.task_weights == pytest.approx(weights), variant
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('variant', ['single', 'mtl_segnet', 'mtan', 'mtan_no_class', 'mtan_no_bbox',
-                                     'mtan_colorization', 'mtan_edges', 'mtan_denoising'])
-def test_every_pet_variant_trains_and_reports(variant, pets_dir, tmp_path):
-  config = _pets_config(variant, pets_dir)
+def test_pets_trains_and_reports_all_six_tasks(pets_dir, tmp_path):
+  """MTAN on every pets task at once: segmentation, species, head box and the three
+  self-supervised tasks (colorization: every task sees the L channel; denoising: the noisy L)."""
+  config = _pets_config('mtan', pets_dir, tasks=ALL_PET_TASKS, task_weights=(0.7, 0.1, 0.2, 0.1, 0.1, 0.1))
   summary = train_and_evaluate(config, str(tmp_path))
-  assert set(summary['val']) == set(config.tasks)
+  assert set(summary['val']) == set(ALL_PET_TASKS)
   for task, values in summary['val'].items():
     assert all(np.isfinite(v) for v in values.values()), (task, values)
   assert 0 <= summary['val']['semantic']['fg_f1'] <= 1
-  if 'bbox' in config.tasks:
-    assert summary['val']['bbox']['l2_px'] > 0 and 0 <= summary['val']['bbox']['iou'] <= 1
-  if 'species' in config.tasks:
-    assert 0 <= summary['val']['species']['acc'] <= 1
+  assert summary['val']['bbox']['l2_px'] > 0 and 0 <= summary['val']['bbox']['iou'] <= 1
+  assert 0 <= summary['val']['species']['acc'] <= 1
+  (kernel,) = jax.tree.leaves(_final_params(tmp_path)['params']['encoder_block']['0']['conv']['kernel'])
+  assert kernel.shape[2] == 1
 
 
 def test_pets_config_errors(pets_dir, tmp_path):
@@ -77,10 +105,14 @@ def test_pets_with_vgg16_encoder_init(pets_dir, tmp_path):
     weights[f'features.{idx}.weight'] = rng.normal(0, 0.05, (channels[k + 1], channels[k], 3, 3)).astype(np.float32)
     weights[f'features.{idx}.bias'] = rng.normal(0, 0.05, (channels[k + 1],)).astype(np.float32)
   np.savez(tmp_path / 'vgg16.npz', **weights)
-  config = _pets_config('single', pets_dir, widths=(64, 128, 256, 512, 512), num_epochs=1,
+  # The hard-shared SegNet with the three pets tasks (the seed's mtl_segnet variant): its
+  # image-level heads train here, MTAN's in the six-task run.
+  config = _pets_config('mtl_segnet', pets_dir, widths=(64, 128, 256, 512, 512), num_epochs=1,
                         train_split='train[:4]', val_split='train[12:16]',
                         encoder_init=str(tmp_path / 'vgg16.npz'))
-  train_and_evaluate(config, str(tmp_path / 'run'))
+  summary = train_and_evaluate(config, str(tmp_path / 'run'))
+  assert set(summary['val']) == {'semantic', 'species', 'bbox'}
+  assert all(np.isfinite(v) for values in summary['val'].values() for v in values.values())
   params = _final_params(tmp_path / 'run')['params']
   (kernel,) = jax.tree.leaves(params['encoder_block']['0']['conv']['kernel'])
   start = weights['features.0.weight'].transpose(2, 3, 1, 0)
